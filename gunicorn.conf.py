@@ -1,0 +1,42 @@
+"""gunicorn settings. Binds explicitly: honcho sets PORT for every process, and
+gunicorn would otherwise bind 0.0.0.0:$PORT."""
+
+import os
+
+from webapp.logs import REDACTED  # noqa: F401  (fails fast if the package is broken)
+
+bind = [f"127.0.0.1:{os.environ.get('WEB_PORT', '8000')}"]
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("WEB_THREADS", "4"))
+worker_class = "gthread"
+timeout = 60
+graceful_timeout = 20
+accesslog = "-"
+errorlog = "-"
+# The access log line carries the path and query: the redacting formatter
+# removes code, state and token values (OAuth callback query strings).
+logconfig_dict = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "redacting": {
+            "()": "webapp.logs.RedactingFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        },
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "redacting"},
+    },
+    "loggers": {
+        "gunicorn.error": {"level": "INFO", "handlers": ["console"], "propagate": False},
+        "gunicorn.access": {"level": "INFO", "handlers": ["console"], "propagate": False},
+    },
+}
+
+
+def child_exit(server, worker):  # noqa: ARG001
+    """Multiprocess metrics: forget a dead worker's live gauges."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

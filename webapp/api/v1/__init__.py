@@ -1,0 +1,5 @@
+"""Blueprints of /api/v1, registered in this order."""
+
+from webapp.api.v1.meta import blueprint as meta
+
+BLUEPRINTS = [meta]

@@ -1,0 +1,75 @@
+"""Fernet for PII columns, stored as `v1:<fp>:<fernet token>`.
+
+Fernet has no associated data, so the AAD travels inside the authenticated plaintext
+(`{"aad": ..., "v": ...}`) and is compared on decrypt: same row/column binding as AES-GCM.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import re
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from .keyring import (
+    CryptoError,
+    DecryptionError,
+    EncryptionKeys,
+    get_keyring,
+    key_id_of,
+    split_stored,
+    utf8,
+)
+
+_TOKEN = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+
+
+@functools.lru_cache(maxsize=32)
+def _fernet(material: bytes) -> Fernet:
+    return Fernet(base64.urlsafe_b64encode(material))
+
+
+def _pii_key_id(key: EncryptionKeys | str) -> EncryptionKeys:
+    kid = key_id_of(key)
+    if kid is not EncryptionKeys.PII:
+        raise CryptoError(f"{kid.value} is not a Fernet key id")
+    return kid
+
+
+def encrypt_field(value: str, key: EncryptionKeys | str = EncryptionKeys.PII, aad: str = "") -> str:
+    ring = get_keyring()
+    kid = _pii_key_id(key)
+    if not isinstance(value, str) or not isinstance(aad, str):
+        raise CryptoError("value and aad must be str")
+    body = utf8(json.dumps({"aad": aad, "v": value}, ensure_ascii=False, separators=(",", ":")))
+    token = MultiFernet([_fernet(m) for m in ring.materials(kid)]).encrypt(body)
+    return f"v1:{ring.current_fingerprint(kid)}:{token.decode('ascii')}"
+
+
+def decrypt_field(
+    ciphertext: str, key: EncryptionKeys | str = EncryptionKeys.PII, aad: str = ""
+) -> str:
+    kid = _pii_key_id(key)
+    fp, token = split_stored(ciphertext)
+    # Fernet's own decoder is lenient; insist on the one canonical padded base64url form.
+    if not _TOKEN.fullmatch(token):
+        raise DecryptionError("malformed ciphertext payload")
+    try:
+        canonical = base64.urlsafe_b64encode(base64.urlsafe_b64decode(token)).decode() == token
+    except (binascii.Error, ValueError):
+        canonical = False
+    if not canonical:
+        raise DecryptionError("malformed ciphertext payload")
+    fernet = _fernet(get_keyring().material(kid, fp))
+    try:
+        doc = json.loads(fernet.decrypt(token))
+    except (InvalidToken, ValueError):  # ValueError: bad UTF-8/JSON behind a valid MAC
+        raise DecryptionError(
+            f"authentication failed with key {fp} (wrong key or tampered data)"
+        ) from None
+    if not (isinstance(doc, dict) and isinstance(doc.get("v"), str) and doc.get("aad") == aad):
+        raise DecryptionError(f"AAD mismatch for ciphertext under key {fp}")
+    return doc["v"]
