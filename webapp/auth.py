@@ -10,12 +10,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import jwt
-from flask import current_app, g, request
+from flask import current_app, request
 
 from webapp.errors import Forbidden, Unauthorized
 
 F = TypeVar("F", bound=Callable[..., Any])
 DIGITS = re.compile(r"^[0-9]{1,18}$")
+PRINCIPAL_KEY = "mailkey.principal"
 
 
 @dataclass(frozen=True)
@@ -71,8 +72,8 @@ def decode_token(secret: str, token: str) -> Principal:
 
 
 def authenticate() -> Principal:
-    """Read and check the request's bearer token; cache the principal on `g`."""
-    principal = getattr(g, "principal", None)
+    """Read and check the request's bearer token; cached on the request itself."""
+    principal = request.environ.get(PRINCIPAL_KEY)
     if principal is not None:
         return principal
     header = request.headers.get("Authorization", "")
@@ -80,7 +81,7 @@ def authenticate() -> Principal:
     if scheme.lower() != "bearer" or not token.strip():
         raise Unauthorized("missing bearer token")
     principal = decode_token(current_app.config["API_JWT_SECRET"], token.strip())
-    g.principal = principal
+    request.environ[PRINCIPAL_KEY] = principal
     return principal
 
 

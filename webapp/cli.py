@@ -19,7 +19,9 @@ keys_cli = AppGroup("keys", help="Encryption keys: generate, rotate, status.")
 @click.option("--ttl", type=click.IntRange(min=1), default=3600, show_default=True)
 def issue_token_command(user_id: int, org_id: int, admin: bool, ttl: int) -> None:
     """Print a signed API token (and nothing else) on stdout."""
-    click.echo(issue_token(current_app.config["API_JWT_SECRET"], user_id, org_id, admin=admin, ttl=ttl))
+    click.echo(
+        issue_token(current_app.config["API_JWT_SECRET"], user_id, org_id, admin=admin, ttl=ttl)
+    )
 
 
 @keys_cli.command("generate")

@@ -86,8 +86,7 @@ class _Reader:
         return default
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        raw = self.str(name, default)
-        assert raw is not None
+        raw = self.str(name, default) or default
         if raw not in choices:
             self.errors.append(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
             return default
@@ -170,6 +169,7 @@ class Settings:
     REFRESH_AHEAD_SECONDS: int = 600
     KEEPALIVE_DAYS: int = 30
     REFRESH_LOCK_SECONDS: int = 60
+    REFRESH_FANOUT_RATE: int = 200
     MAIL_CA_FILE: str | None = None
     MAIL_ALLOW_PRIVATE_HOSTS: bool = True
     MAIL_ALLOWED_PORTS: tuple[int, ...] = (993, 143, 465, 587, 25)
@@ -233,7 +233,9 @@ class Settings:
         if redis_url is None:
             redis_url = f"redis://127.0.0.1:{embedded_port}/0"
         elif not redis_url.startswith(("redis://", "rediss://", "unix://")):
-            r.errors.append(f"REDIS_URL: expected redis://, rediss:// or unix://, got {redis_url!r}")
+            r.errors.append(
+                f"REDIS_URL: expected redis://, rediss:// or unix://, got {redis_url!r}"
+            )
 
         jwt_secret = r.str("API_JWT_SECRET", "") or ""
         if jwt_secret and len(jwt_secret.encode()) < 32:
@@ -278,6 +280,7 @@ class Settings:
             REFRESH_SCAN_SECONDS=r.int("REFRESH_SCAN_SECONDS", 60, 5),
             REFRESH_AHEAD_SECONDS=r.int("REFRESH_AHEAD_SECONDS", 600, 0),
             KEEPALIVE_DAYS=r.int("KEEPALIVE_DAYS", 30, 1),
+            REFRESH_FANOUT_RATE=r.int("REFRESH_FANOUT_RATE", 200, 1),
             MAIL_CA_FILE=mail_ca,
             MAIL_ALLOW_PRIVATE_HOSTS=r.bool("MAIL_ALLOW_PRIVATE_HOSTS", not production),
             MAIL_ALLOWED_PORTS=tuple(ports),

@@ -233,6 +233,7 @@ def register_errorhandlers(app: Flask) -> None:
         if isinstance(error, HTTPException):
             return http_exception_response(error)
         log.exception(
-            "unhandled_error", extra={"event": "unhandled_error", "error_type": type(error).__name__}
+            "unhandled_error",
+            extra={"event": "unhandled_error", "error_type": type(error).__name__},
         )
         return internal_error_response()

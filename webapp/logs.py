@@ -16,9 +16,26 @@ from datetime import UTC, datetime
 from typing import Any
 
 REDACTED = "[REDACTED]"
-SECRET_NAMES = (
-    "code|state|access_token|refresh_token|id_token|token|client_secret|password|secret"
-    "|code_verifier|assertion|api_key|key|auth|authorization|metrics_token"
+# Names of values to redact (not secrets themselves).
+SECRET_NAMES = "|".join(  # noqa: S105
+    [
+        "code",
+        "state",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "token",
+        "client_secret",
+        "password",
+        "secret",
+        "code_verifier",
+        "assertion",
+        "api_key",
+        "key",
+        "auth",
+        "authorization",
+        "metrics_token",
+    ]
 )
 _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     # Authorization headers and bearer strings, incl. XOAUTH2 "auth=Bearer ..."
@@ -36,7 +53,10 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
     # Mailkey ciphertexts (v1:<fp>:<payload>)
     (re.compile(r"\bv1:([0-9a-f]{8}):[A-Za-z0-9\-_=]{16,}"), rf"v1:\1:{REDACTED}"),
     # Key-like values in NAME=value lines
-    (re.compile(r"(ENCRYPTION_KEY_[A-Z_]+|API_JWT_SECRET|FLOWER_BASIC_AUTH)=\S+"), rf"\1={REDACTED}"),
+    (
+        re.compile(r"(ENCRYPTION_KEY_[A-Z_]+|API_JWT_SECRET|FLOWER_BASIC_AUTH)=\S+"),
+        rf"\1={REDACTED}",
+    ),
 ]
 STANDARD_ATTRS = set(vars(logging.makeLogRecord({}))) | {"message", "asctime"}
 
@@ -52,11 +72,11 @@ class ContextFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         try:
-            from flask import g, has_request_context
+            from flask import g, has_request_context, request
 
             if has_request_context():
                 record.request_id = getattr(g, "request_id", None)
-                principal = getattr(g, "principal", None)
+                principal = request.environ.get("mailkey.principal")
                 record.user_id = getattr(principal, "user_id", None)
         except Exception:  # noqa: S110 - logging must never fail
             pass

@@ -34,7 +34,7 @@ class Provider:
     address_source: AddressSource
     client_id: str | None = None
     client_secret: str | None = field(default=None, repr=False)
-    token_auth_method: TokenAuthMethod = "client_secret_post"
+    token_auth_method: TokenAuthMethod = "client_secret_post"  # noqa: S105
     authorize_params: tuple[tuple[str, str], ...] = ()
     pkce: bool = True
 

@@ -171,9 +171,7 @@ def make_ca_and_cert(
             x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
             critical=False,
         )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 
@@ -184,9 +182,7 @@ def make_ca_and_cert(
     ca_path.write_bytes(ca_cert.public_bytes(pem))
     cert_path.write_bytes(cert.public_bytes(pem) + ca_cert.public_bytes(pem))
     key_path.write_bytes(
-        key.private_bytes(
-            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     os.chmod(key_path, 0o600)
     return ca_path, cert_path, key_path
@@ -221,12 +217,14 @@ def introspect_token(
     return data
 
 
-def _token_grants(
-    info: dict[str, Any], user: str, required_scope: str | None
-) -> tuple[bool, str]:
+def _token_grants(info: dict[str, Any], user: str, required_scope: str | None) -> tuple[bool, str]:
     """Check an introspection response against the user that is logging in."""
     if info.get("active") is not True:
         return False, "token inactive"
+    # Same rule as Dovecot's oauth2 passdb: token_type, if present, must be "Bearer".
+    token_type = info.get("token_type")
+    if token_type is not None and str(token_type).lower() != "bearer":
+        return False, f"token_type {token_type!r} is not Bearer"
     email_ = info.get("email") or info.get("username")
     if not isinstance(email_, str) or email_.lower() != user.lower():
         return False, f"token belongs to {email_!r}, not {user!r}"
@@ -282,6 +280,99 @@ _MAILDIR_FLAG_LETTERS = {
 
 def _to_str(v: str | bytes) -> str:
     return v.decode() if isinstance(v, bytes) else v
+
+
+class _TcpRelay:
+    """Byte pump 127.0.0.1:<port> -> backend, connecting *from* another loopback address.
+
+    Dovecot treats a connection whose remote IP equals its local IP (any loopback client)
+    as "secured" and would allow plaintext LOGIN without STARTTLS.  Relaying from
+    127.0.0.2 makes the plain port behave like a real remote server (LOGINDISABLED until
+    STARTTLS).  TLS passes through untouched.
+    """
+
+    def __init__(
+        self, listen: tuple[str, int], target: tuple[str, int], source_host: str | None
+    ) -> None:
+        self.listen = listen
+        self.target = target
+        self.source_host = source_host
+        self._sock: socket.socket | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def source_available(host: str) -> bool:
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind((host, 0))
+            return True
+        except OSError:
+            return False
+
+    def start(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(self.listen)
+        sock.listen(64)
+        self._sock = sock
+        threading.Thread(target=self._accept_loop, args=(sock,), daemon=True).start()
+
+    def stop(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        with self._lock:
+            conns, self._conns = self._conns, set()
+        for c in conns:
+            self._close(c)
+
+    @staticmethod
+    def _close(c: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            c.shutdown(socket.SHUT_RDWR)
+        with contextlib.suppress(OSError):
+            c.close()
+
+    def _accept_loop(self, sock: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = sock.accept()
+            except OSError:
+                return
+            try:
+                src = (self.source_host, 0) if self.source_host else None
+                backend = socket.create_connection(self.target, timeout=5, source_address=src)
+                backend.settimeout(None)
+            except OSError:
+                self._close(client)
+                continue
+            with self._lock:
+                if self._sock is None:
+                    self._close(client)
+                    self._close(backend)
+                    return
+                self._conns.update((client, backend))
+            for a, b in ((client, backend), (backend, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            with self._lock:
+                self._conns.discard(src)
+                self._conns.discard(dst)
+            self._close(src)
+            self._close(dst)
 
 
 # --------------------------------------------------------------------------- Dovecot
@@ -369,14 +460,24 @@ class DovecotServer:
         self.oauth2_conf_path = self.workdir / "dovecot-oauth2.conf.ext"
 
         self.ca_file, self.cert_file, self.key_file = make_ca_and_cert(self.workdir / "tls")
-        self.imaps_port = free_port()
-        self.imap_port = free_port()
-        while self.imap_port == self.imaps_port:
-            self.imap_port = free_port()
+        ports: set[int] = set()
+        while len(ports) < 3:
+            ports.add(free_port())
+        self.imaps_port, self.imap_port, self._imap_backend_port = sorted(ports)
+        # Plain port: served through a relay from 127.0.0.2 so Dovecot does not treat
+        # the (loopback) client as secure -> STARTTLS really is required.
+        relay_src = "127.0.0.2" if _TcpRelay.source_available("127.0.0.2") else None
+        self.starttls_enforced = relay_src is not None
+        self._relay = _TcpRelay(
+            (self.host, self.imap_port), (self.host, self._imap_backend_port), relay_src
+        )
 
+        # child processes show up as "dovecot-<instance_name>/imap" etc. in ps
+        self.instance_name = f"mailkey-{self.imaps_port}"
         self._proc: subprocess.Popen[bytes] | None = None
         self._finalizer: weakref.finalize | None = None
         self._seed_counter = 0
+        self._passwd_mtime = 0
         self._lock = threading.RLock()
         self._write_config()
 
@@ -448,7 +549,7 @@ class DovecotServer:
 # Generated by tests/support/mailserver.py -- do not edit.
 base_dir = {self.base_dir}
 state_dir = {self.state_dir}
-instance_name = mailkey-{self.imaps_port}
+instance_name = {self.instance_name}
 log_path = {self.log_path}
 info_log_path = {self.log_path}
 debug_log_path = {self.log_path}
@@ -482,7 +583,7 @@ auth_cache_ttl = 0
 auth_cache_negative_ttl = 0
 auth_failure_delay = 0
 auth_verbose = yes
-auth_debug = {'yes' if self.debug else 'no'}
+auth_debug = {"yes" if self.debug else "no"}
 auth_debug_passwords = no
 
 passdb {{
@@ -515,7 +616,7 @@ namespace inbox {{
 service imap-login {{
   inet_listener imap {{
     address = {self.host}
-    port = {self.imap_port}
+    port = {self._imap_backend_port}
   }}
   inet_listener imaps {{
     address = {self.host}
@@ -545,16 +646,18 @@ service anvil {{
         os.replace(tmp, self.passwd_path)
 
     def set_password_user(self, user: str, password: str | None) -> None:
-        """Add/change (or with ``None`` remove) a LOGIN/PLAIN account; live, no restart."""
+        """Add/change (or with ``None`` remove) a LOGIN/PLAIN account live (takes ~1 s)."""
         with self._lock:
             if password is None:
                 self.password_users.pop(user, None)
             else:
                 self.password_users[user] = password
             self._write_passwd_file()
-            # passwd-file is re-read when its mtime changes; make sure it does.
-            t = time.time() + 1
-            os.utime(self.passwd_path, (t, t))
+            # Dovecot re-reads passwd-file when mtime/size change, but checks at most once
+            # per wall-clock second: give it a fresh mtime and let the current second pass.
+            self._passwd_mtime = max(int(time.time()), self._passwd_mtime + 1)
+            os.utime(self.passwd_path, (self._passwd_mtime, self._passwd_mtime))
+            time.sleep(1.05 - (time.time() % 1))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -568,6 +671,11 @@ service anvil {{
     @property
     def is_running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """PID of the dovecot master (== process group id of all its children)."""
+        return self._proc.pid if self._proc is not None else None
 
     def start(self) -> None:
         """Start dovecot and wait until both ports accept connections (TLS verified)."""
@@ -591,6 +699,7 @@ service anvil {{
                 log.close()
             self._finalizer = weakref.finalize(self, _kill_group, self._proc.pid)
             try:
+                self._relay.start()
                 self._wait_ready()
             except BaseException:
                 self._terminate()
@@ -629,6 +738,7 @@ service anvil {{
         )
 
     def _terminate(self) -> None:
+        self._relay.stop()
         proc = self._proc
         if proc is None:
             return
@@ -636,8 +746,10 @@ service anvil {{
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
+            # A graceful dovecot shutdown lingers 1-3 s (log process drain); the mail
+            # storage is crash-safe, so after a short grace period just kill the group.
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
                 _kill_group(pgid)
                 proc.wait(timeout=10)
@@ -692,7 +804,10 @@ service anvil {{
             c.starttls(self.ssl_context())
             return c
         return IMAPClient(
-            self.host, port=self.imaps_port, ssl=True, ssl_context=self.ssl_context(),
+            self.host,
+            port=self.imaps_port,
+            ssl=True,
+            ssl_context=self.ssl_context(),
             timeout=timeout,
         )
 
@@ -715,6 +830,10 @@ service anvil {{
         finally:
             with contextlib.suppress(Exception):
                 c.logout()
+
+    def kick(self, user: str) -> None:
+        """Disconnect all IMAP sessions of *user* (they get ``* BYE``)."""
+        self.doveadm("kick", user)
 
     def doveadm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``doveadm -c <this config> <args>`` (server must be running)."""
@@ -808,9 +927,7 @@ service anvil {{
     def status(self, user: str, folder: str) -> dict[str, int]:
         """``{messages, unseen, uidvalidity, uidnext, highestmodseq}`` (forces a sync)."""
         fields = "messages unseen uidvalidity uidnext highestmodseq"
-        out = self.doveadm(
-            "-f", "flow", "mailbox", "status", "-u", user, fields, folder
-        ).stdout
+        out = self.doveadm("-f", "flow", "mailbox", "status", "-u", user, fields, folder).stdout
         result: dict[str, int] = {}
         for m in re.finditer(r"(\w+)=(\d+)", out):
             result[m.group(1)] = int(m.group(2))
@@ -945,17 +1062,16 @@ service anvil {{
                 result[name] = int(left.split(" ", 1)[0])
         return result
 
-    def reset_uidvalidity(
-        self, user: str, folder: str, new_uidvalidity: int | None = None
-    ) -> int:
+    def reset_uidvalidity(self, user: str, folder: str, new_uidvalidity: int | None = None) -> int:
         """Give *folder* a new UIDVALIDITY and renumber all its messages; returns it.
 
         Mimics a server-side mailbox rebuild: messages, flags, keywords and INTERNALDATEs
         stay, but every message gets a new UID starting at the old UIDNEXT (so no old
         UID is reused) and UIDVALIDITY becomes *new_uidvalidity* (default old + 1).
-        Sessions that have the folder selected are disconnected by Dovecot
-        ("* BYE ... IMAP session state is inconsistent") at their next command.
+        All IMAP sessions of *user* are disconnected (``doveadm kick``) before and after
+        the rebuild, like a server doing mailbox maintenance; clients must reconnect.
         """
+        self.kick(user)
         st = self.status(user, folder)
         old_validity, next_uid = st["uidvalidity"], st["uidnext"]
         new_validity = new_uidvalidity if new_uidvalidity is not None else old_validity + 1
@@ -976,6 +1092,7 @@ service anvil {{
                 os.unlink(f)
         os.replace(tmp, uidlist)
         after = self.status(user, folder)
+        self.kick(user)
         if after["uidvalidity"] != new_validity:
             raise MailServerError(
                 f"UIDVALIDITY reset failed: {old_validity} -> {after['uidvalidity']}, "
@@ -1159,9 +1276,7 @@ class SmtpServer:
             while len(self._messages) < count:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(
-                        f"expected {count} messages, got {len(self._messages)}"
-                    )
+                    raise TimeoutError(f"expected {count} messages, got {len(self._messages)}")
                 self._cond.wait(remaining)
             return list(self._messages)
 
@@ -1244,10 +1359,21 @@ class SmtpServer:
             "ready_timeout": 10.0,
         }
         if self.security == "ssl":
-            kwargs.update(ssl_context=server_ctx, auth_require_tls=False)
+            kwargs.update(ssl_context=server_ctx, auth_require_tls=True)
         else:
             kwargs.update(tls_context=server_ctx, require_starttls=True, auth_require_tls=True)
-        controller = Controller(_SmtpHandler(self), **kwargs)
+        implicit_tls = self.security == "ssl"
+
+        class _Controller(Controller):
+            def factory(self) -> Any:
+                smtp = super().factory()
+                if implicit_tls:
+                    # The whole session is TLS; aiosmtpd only knows about STARTTLS, and
+                    # passing auth_require_tls=False emits a UserWarning (error in pytest).
+                    smtp._auth_require_tls = False
+                return smtp
+
+        controller = _Controller(_SmtpHandler(self), **kwargs)
         controller.start()
         self._controller = controller
 

@@ -400,7 +400,11 @@ class OAuthProvider:
         return status, data, {"Content-Type": ctype, **scripted.headers}
 
     def _handle(
-        self, endpoint: str, method: str, params: dict[str, str], form: dict[str, str],
+        self,
+        endpoint: str,
+        method: str,
+        params: dict[str, str],
+        form: dict[str, str],
         headers: dict[str, str],
     ) -> _Reply:
         if endpoint == "authorize":
@@ -429,8 +433,11 @@ class OAuthProvider:
         def redirect(**params: str) -> _Reply:
             if "state" in q:
                 params["state"] = q["state"]
-            return 302, b"", {"Location": _add_query(redirect_uri, params),
-                              "Cache-Control": "no-store"}
+            return (
+                302,
+                b"",
+                {"Location": _add_query(redirect_uri, params), "Cache-Control": "no-store"},
+            )
 
         if deny:
             return redirect(error="access_denied", error_description="The user denied access")
@@ -526,7 +533,9 @@ class OAuthProvider:
         access = secrets.token_urlsafe(32)
         self._access[access] = _Access(grant=grant, expires_at=time.time() + self.access_token_ttl)
         out: dict[str, Any] = {
-            "access_token": access, "token_type": "Bearer", "expires_in": self.access_token_ttl,
+            "access_token": access,
+            "token_type": "Bearer",
+            "expires_in": self.access_token_ttl,
         }
         if refresh_token is not None:
             out["refresh_token"] = refresh_token
@@ -541,9 +550,14 @@ class OAuthProvider:
         # which pytest's filterwarnings=error would turn into a server error. Same JWT bytes.
         now = int(time.time())
         claims: dict[str, Any] = {
-            "iss": self.base_url, "aud": self.client_id, "sub": self.sub_for(email),
-            "email": email, "email_verified": True, "preferred_username": email,
-            "iat": now, "exp": now + self.access_token_ttl,
+            "iss": self.base_url,
+            "aud": self.client_id,
+            "sub": self.sub_for(email),
+            "email": email,
+            "email_verified": True,
+            "preferred_username": email,
+            "iat": now,
+            "exp": now + self.access_token_ttl,
         }
         if nonce:
             claims["nonce"] = nonce
@@ -561,11 +575,15 @@ class OAuthProvider:
         with self._lock:
             record = self._access.get(token.strip()) if scheme.lower() == "bearer" else None
             if record is None or not record.live():
-                return _json_reply(401, {"error": "invalid_token"},
-                                   {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+                return _json_reply(
+                    401,
+                    {"error": "invalid_token"},
+                    {"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
             email = record.grant.email
-        return _json_reply(200, {"sub": self.sub_for(email), "email": email,
-                                 "email_verified": True})
+        return _json_reply(
+            200, {"sub": self.sub_for(email), "email": email, "email_verified": True}
+        )
 
     def _revoke(self, form: dict[str, str]) -> _Reply:
         token = form.get("token")
@@ -586,14 +604,23 @@ class OAuthProvider:
         with self._lock:
             access, refresh = self._access.get(token), self._refresh.get(token)
             if access is not None and access.live():
-                grant, extra = access.grant, {"token_type": "access_token",
-                                              "exp": int(access.expires_at)}
+                grant, extra = (
+                    access.grant,
+                    {"token_type": "access_token", "exp": int(access.expires_at)},
+                )
             elif refresh is not None and refresh.alive and refresh.grant.alive:
                 grant, extra = refresh.grant, {"token_type": "refresh_token"}
             else:
                 return _json_reply(200, {"active": False})
-            return _json_reply(200, {
-                "active": True, "email": grant.email, "username": grant.email,
-                "sub": self.sub_for(grant.email), "scope": grant.scope,
-                "client_id": self.client_id, **extra,
-            })
+            return _json_reply(
+                200,
+                {
+                    "active": True,
+                    "email": grant.email,
+                    "username": grant.email,
+                    "sub": self.sub_for(grant.email),
+                    "scope": grant.scope,
+                    "client_id": self.client_id,
+                    **extra,
+                },
+            )

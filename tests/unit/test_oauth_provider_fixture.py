@@ -35,8 +35,12 @@ def pkce_pair() -> tuple[str, str]:
 
 def authorize(p: OAuthProvider, challenge: str | None, **extra: str) -> dict[str, str]:
     params = {
-        "response_type": "code", "client_id": p.client_id, "redirect_uri": REDIRECT_URI,
-        "scope": "openid email", "state": "st-1", **extra,
+        "response_type": "code",
+        "client_id": p.client_id,
+        "redirect_uri": REDIRECT_URI,
+        "scope": "openid email",
+        "state": "st-1",
+        **extra,
     }
     if challenge is not None:
         params |= {"code_challenge": challenge, "code_challenge_method": "S256"}
@@ -48,31 +52,52 @@ def authorize(p: OAuthProvider, challenge: str | None, **extra: str) -> dict[str
 
 
 def redeem(p: OAuthProvider, code: str, verifier: str) -> requests.Response:
-    return requests.post(p.url("token"), timeout=5, data={
-        "grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT_URI,
-        "code_verifier": verifier, "client_id": p.client_id, "client_secret": p.client_secret,
-    })
+    return requests.post(
+        p.url("token"),
+        timeout=5,
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": REDIRECT_URI,
+            "code_verifier": verifier,
+            "client_id": p.client_id,
+            "client_secret": p.client_secret,
+        },
+    )
 
 
 def refresh(p: OAuthProvider, token: str, session: requests.Session | None = None):
-    return (session or requests).post(p.url("token"), timeout=5, data={
-        "grant_type": "refresh_token", "refresh_token": token,
-        "client_id": p.client_id, "client_secret": p.client_secret,
-    })
+    return (session or requests).post(
+        p.url("token"),
+        timeout=5,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": token,
+            "client_id": p.client_id,
+            "client_secret": p.client_secret,
+        },
+    )
 
 
 @pytest.mark.parametrize("method", ["client_secret_post", "client_secret_basic"])
 def test_full_pkce_flow_with_authlib(method: str) -> None:
     with OAuthProvider(client_secret=LONG_SECRET, token_auth_method=method) as p:
         client = OAuth2Session(
-            p.client_id, p.client_secret, scope="openid email",
-            redirect_uri=REDIRECT_URI, code_challenge_method="S256",
+            p.client_id,
+            p.client_secret,
+            scope="openid email",
+            redirect_uri=REDIRECT_URI,
+            code_challenge_method="S256",
             token_endpoint_auth_method=method,
         )
         verifier = secrets.token_urlsafe(48)
         url, state = client.create_authorization_url(
-            p.url("authorize"), code_verifier=verifier, login_hint="alice@example.com",
-            access_type="offline", prompt="consent", nonce="n-123",
+            p.url("authorize"),
+            code_verifier=verifier,
+            login_hint="alice@example.com",
+            access_type="offline",
+            prompt="consent",
+            nonce="n-123",
         )
         resp = requests.get(url, allow_redirects=False, timeout=5)
         assert resp.status_code == 302
@@ -80,7 +105,8 @@ def test_full_pkce_flow_with_authlib(method: str) -> None:
         assert p.authorize_requests[-1]["access_type"] == "offline"
 
         token = client.fetch_token(
-            p.url("token"), authorization_response=resp.headers["Location"],
+            p.url("token"),
+            authorization_response=resp.headers["Location"],
             code_verifier=verifier,
         )
         assert token["token_type"] == "Bearer"
@@ -88,7 +114,10 @@ def test_full_pkce_flow_with_authlib(method: str) -> None:
         assert token["expires_in"] == 3600
         assert token["refresh_token"]
         claims = jwt.decode(
-            token["id_token"], LONG_SECRET, algorithms=["HS256"], audience=p.client_id,
+            token["id_token"],
+            LONG_SECRET,
+            algorithms=["HS256"],
+            audience=p.client_id,
             issuer=p.base_url,
         )
         assert claims["email"] == claims["preferred_username"] == "alice@example.com"
@@ -110,7 +139,9 @@ def test_id_token_audience_with_default_secret(provider: OAuthProvider) -> None:
 
 def test_pkce_is_enforced(provider: OAuthProvider) -> None:
     assert authorize(provider, None) == {
-        "error": "invalid_request", "error_description": "PKCE required", "state": "st-1",
+        "error": "invalid_request",
+        "error_description": "PKCE required",
+        "state": "st-1",
     }
     verifier, challenge = pkce_pair()
     code = authorize(provider, challenge)["code"]
@@ -128,14 +159,22 @@ def test_code_is_single_use_and_redirect_uri_checked(provider: OAuthProvider) ->
     second = redeem(provider, code, verifier)
     assert second.status_code == 400
     assert second.json() == {
-        "error": "invalid_grant", "error_description": "authorization code already used",
+        "error": "invalid_grant",
+        "error_description": "authorization code already used",
     }
     code = authorize(provider, challenge)["code"]
-    resp = requests.post(provider.url("token"), timeout=5, data={
-        "grant_type": "authorization_code", "code": code, "code_verifier": verifier,
-        "redirect_uri": "http://evil.example/cb", "client_id": "test-client",
-        "client_secret": "test-secret",
-    })
+    resp = requests.post(
+        provider.url("token"),
+        timeout=5,
+        data={
+            "grant_type": "authorization_code",
+            "code": code,
+            "code_verifier": verifier,
+            "redirect_uri": "http://evil.example/cb",
+            "client_id": "test-client",
+            "client_secret": "test-secret",
+        },
+    )
     assert resp.json()["error"] == "invalid_grant"
 
 
@@ -188,8 +227,9 @@ def test_scripted_responses(provider: OAuthProvider) -> None:
     rt = provider.issue_tokens_for("a@example.com")["refresh_token"]
     provider.script(
         "token",
-        ScriptedResponse(status=429, json={"error": "temporarily_unavailable"},
-                         headers={"Retry-After": "3"}),
+        ScriptedResponse(
+            status=429, json={"error": "temporarily_unavailable"}, headers={"Retry-After": "3"}
+        ),
         ScriptedResponse(status=200, body="<html>not json</html>"),
         ScriptedResponse(),
     )

@@ -2,9 +2,14 @@
 
 from webapp.models.base import Base, UTCDateTime, utcnow
 from webapp.models.mail import MailAccount, MailFolder, MailMessage, SyncRun
-from webapp.models.tokens import TokenRefreshAttempt, UserEmailToken
+from webapp.models.tokens import (
+    TOKEN_STATUSES_REPORTED,
+    TokenRefreshAttempt,
+    UserEmailToken,
+)
 
 __all__ = [
+    "TOKEN_STATUSES_REPORTED",
     "Base",
     "MailAccount",
     "MailFolder",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -142,4 +143,3 @@ class SyncRun(Base):
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import (
     BigInteger,
@@ -14,11 +15,15 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from webapp.models.base import Base, TimestampMixin, UTCDateTime, utcnow
 
+if TYPE_CHECKING:
+    from webapp.models.mail import MailAccount
+
 TOKEN_STATUSES = ("active", "needs_reauth", "revoked")
+TOKEN_STATUSES_REPORTED = ("active", "expired", "needs_reauth", "revoked")
 REFRESH_OUTCOMES = ("success", "transient_error", "permanent_error", "config_error")
 
 
@@ -56,6 +61,13 @@ class UserEmailToken(TimestampMixin, Base):
     refresh_failure_count: Mapped[int] = mapped_column(Integer, default=0, nullable=False)
     last_refresh_error: Mapped[str | None] = mapped_column(Text)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    account: Mapped[MailAccount | None] = relationship(
+        "MailAccount",
+        primaryjoin="UserEmailToken.id == foreign(MailAccount.token_id)",
+        uselist=False,
+        viewonly=True,
+        lazy="selectin",
+    )
 
     def __repr__(self) -> str:  # never the ciphertexts
         return (

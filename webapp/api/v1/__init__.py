@@ -1,5 +1,6 @@
 """Blueprints of /api/v1, registered in this order."""
 
 from webapp.api.v1.meta import blueprint as meta
+from webapp.api.v1.oauth import blueprint as oauth
 
-BLUEPRINTS = [meta]
+BLUEPRINTS = [meta, oauth]

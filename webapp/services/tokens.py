@@ -1,0 +1,418 @@
+"""Token storage, refresh, use and revocation: one module for the API, tasks and CLIs.
+
+Invariants:
+- one refresh per token in flight across every process and host (Redis lock);
+- after taking the lock the row is re-read, and a refresh someone else finished
+  while this one waited is not repeated;
+- a rotated refresh token is committed in the same transaction as the new access
+  token, with nothing but encryption between the provider's answer and the commit;
+- every attempt is recorded in token_refresh_attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import requests
+from flask import current_app
+from sqlalchemy import select, update
+
+from webapp.crypto import DecryptionError, aad_for, decrypt_aes_gcm, encrypt_aes_gcm
+from webapp.errors import (
+    NeedsReauth,
+    NotFound,
+    ProviderConfigError,
+    ProviderUnavailable,
+    TokenRevoked,
+)
+from webapp.extensions import db, redis_store
+from webapp.metrics import TOKEN_REFRESH_SECONDS, TOKEN_REFRESH_TOTAL
+from webapp.models import MailAccount, TokenRefreshAttempt, UserEmailToken, utcnow
+from webapp.providers import Provider
+from webapp.services.provider_http import ProviderFailure, token_request
+
+log = logging.getLogger("mailkey.tokens")
+
+ACCESS_COLUMN = "access_token_encrypted"
+REFRESH_COLUMN = "refresh_token_encrypted"
+MIN_VALIDITY = timedelta(minutes=5)
+
+
+def provider_for(name: str) -> Provider:
+    provider = current_app.config["PROVIDERS"].get(name)
+    if provider is None:
+        raise NotFound(f"unknown provider {name!r}")
+    return provider
+
+
+# --- ciphertext columns -------------------------------------------------------------------
+
+
+def _aad(token: UserEmailToken, column: str) -> str:
+    return aad_for(
+        token.organization_id, token.user_id, token.provider, token.email_address, column
+    )
+
+
+def store_secrets(token: UserEmailToken, access_token: str, refresh_token: str | None) -> None:
+    """Encrypt into the row. A None refresh token keeps the stored one."""
+    token.access_token_encrypted = encrypt_aes_gcm(
+        access_token, key_id="oauth", aad=_aad(token, ACCESS_COLUMN)
+    )
+    if refresh_token is not None:
+        token.refresh_token_encrypted = encrypt_aes_gcm(
+            refresh_token, key_id="oauth_refresh", aad=_aad(token, REFRESH_COLUMN)
+        )
+
+
+def read_access_token(token: UserEmailToken) -> str:
+    if token.access_token_encrypted is None:
+        raise DecryptionError("no access token stored")
+    return decrypt_aes_gcm(token.access_token_encrypted, "oauth", _aad(token, ACCESS_COLUMN))
+
+
+def read_refresh_token(token: UserEmailToken) -> str | None:
+    if token.refresh_token_encrypted is None:
+        return None
+    return decrypt_aes_gcm(
+        token.refresh_token_encrypted, "oauth_refresh", _aad(token, REFRESH_COLUMN)
+    )
+
+
+def apply_token_response(token: UserEmailToken, answer: dict[str, Any], now: datetime) -> None:
+    """Copy a token endpoint answer into the row (encrypting the secrets)."""
+    store_secrets(token, answer["access_token"], answer.get("refresh_token") or None)
+    try:
+        expires_in = int(answer.get("expires_in", 3600))
+    except (TypeError, ValueError):
+        expires_in = 3600
+    token.expires_at = now + timedelta(seconds=max(expires_in, 0))
+    token.token_type = str(answer.get("token_type") or "Bearer")[:20]
+    if isinstance(answer.get("scope"), str) and answer["scope"].strip():
+        token.scopes = " ".join(answer["scope"].split())
+
+
+# --- lookups ------------------------------------------------------------------------------
+
+
+def get_owned_token(owner: tuple[int, int], token_id: int) -> UserEmailToken:
+    """Another owner's token is indistinguishable from a missing one (404)."""
+    token = db.session.get(UserEmailToken, token_id)
+    if token is None or (token.organization_id, token.user_id) != owner:
+        raise NotFound("no such token")
+    return token
+
+
+def account_ids_for(token_ids: list[int]) -> dict[int, int]:
+    if not token_ids:
+        return {}
+    rows = db.session.execute(
+        select(MailAccount.token_id, MailAccount.id).where(MailAccount.token_id.in_(token_ids))
+    )
+    return {token_id: account_id for token_id, account_id in rows}
+
+
+# --- state changes ------------------------------------------------------------------------
+
+
+def _pause_accounts(token_id: int, reason: str) -> None:
+    db.session.execute(
+        update(MailAccount)
+        .where(MailAccount.token_id == token_id)
+        .values(status="paused", last_error=reason, updated_at=utcnow())
+    )
+
+
+def mark_needs_reauth(token: UserEmailToken, reason: str) -> None:
+    token.status = "needs_reauth"
+    token.status_reason = reason
+    _pause_accounts(token.id, f"token needs re-authorization ({reason})")
+
+
+def _ensure_usable(token: UserEmailToken) -> None:
+    if token.status == "revoked":
+        raise TokenRevoked(reason=token.status_reason or "revoked")
+    if token.status == "needs_reauth":
+        raise NeedsReauth(reason=token.status_reason)
+
+
+def _unusable_ciphertext(token: UserEmailToken) -> NeedsReauth:
+    """A ciphertext that no key opens: the token is unusable until reconnected."""
+    mark_needs_reauth(token, "decryption_failed")
+    db.session.commit()
+    log.error(
+        "token_decryption_failed", extra={"event": "token_decryption_failed", "token_id": token.id}
+    )
+    return NeedsReauth(
+        "the stored token cannot be decrypted; the mailbox must be reconnected",
+        reason="decryption_failed",
+    )
+
+
+# --- refresh ------------------------------------------------------------------------------
+
+
+@dataclass
+class RefreshResult:
+    token: UserEmailToken
+    refreshed: bool  # False: someone else refreshed it while we waited
+
+
+def _lock(token_id: int) -> Any:
+    timeout = current_app.config["REFRESH_LOCK_SECONDS"]
+    return redis_store.client.lock(
+        f"mailkey:lock:refresh:{token_id}", timeout=timeout, blocking_timeout=timeout + 5
+    )
+
+
+def refresh_token(
+    token_id: int, *, trigger: str = "api", force: bool = True, ahead: timedelta = MIN_VALIDITY
+) -> RefreshResult:
+    """Refresh one token now. `force=False` skips a token valid for longer than `ahead`.
+
+    Raises NeedsReauth / TokenRevoked (409), ProviderConfigError (502) or
+    ProviderUnavailable (503, with the provider's Retry-After).
+    """
+    requested_at = utcnow()
+    lock = _lock(token_id)
+    if not lock.acquire():
+        raise ProviderUnavailable(
+            "another refresh of this token is still running", headers={"Retry-After": "5"}
+        )
+    try:
+        db.session.expire_all()
+        token = db.session.get(UserEmailToken, token_id, populate_existing=True)
+        if token is None:
+            raise NotFound("no such token")
+        _ensure_usable(token)
+        if token.last_refreshed_at and token.last_refreshed_at >= requested_at:
+            return RefreshResult(token, refreshed=False)
+        if not force and token.expires_at and token.expires_at - utcnow() > ahead:
+            return RefreshResult(token, refreshed=False)
+        return RefreshResult(_refresh_locked(token, trigger), refreshed=True)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # noqa: S110 - the lock expired on its own; nothing to undo
+            pass
+
+
+def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
+    provider = provider_for(token.provider)
+    try:
+        refresh_secret = read_refresh_token(token)
+    except DecryptionError:
+        raise _unusable_ciphertext(token) from None
+    if refresh_secret is None:
+        expired = token.expires_at is not None and token.expires_at <= utcnow()
+        if expired:
+            mark_needs_reauth(token, "no_refresh_token")
+            db.session.commit()
+        raise NeedsReauth(
+            "the provider issued no refresh token; the mailbox must be reconnected",
+            reason="no_refresh_token",
+        )
+
+    started_at = utcnow()
+    clock = time.perf_counter()
+    failure: ProviderFailure | None = None
+    answer: dict[str, Any] = {}
+    try:
+        answer = token_request(
+            provider,
+            {"grant_type": "refresh_token", "refresh_token": refresh_secret},
+            timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"],
+        )
+    except ProviderFailure as exc:
+        failure = exc
+    finished_at = utcnow()
+    elapsed = time.perf_counter() - clock
+    attempt = TokenRefreshAttempt(
+        token_id=token.id,
+        organization_id=token.organization_id,
+        provider=token.provider,
+        started_at=started_at,
+        finished_at=finished_at,
+        duration_ms=int(elapsed * 1000),
+        trigger=trigger,
+    )
+    if failure is None:
+        # Nothing but encryption between the provider's answer and this commit.
+        apply_token_response(token, answer, finished_at)
+        token.last_refreshed_at = finished_at
+        token.refresh_failure_count = 0
+        token.last_refresh_error = None
+        token.status_reason = None
+        attempt.outcome = "success"
+        attempt.http_status = 200
+        db.session.add(attempt)
+        db.session.commit()
+    else:
+        attempt.outcome = failure.outcome
+        attempt.error_code = failure.error_code[:100]
+        attempt.http_status = failure.http_status
+        token.refresh_failure_count += 1
+        token.last_refresh_error = failure.summary
+        if failure.kind == "permanent":
+            mark_needs_reauth(token, failure.error_code)
+        db.session.add(attempt)
+        db.session.commit()
+    TOKEN_REFRESH_TOTAL.labels(token.provider, attempt.outcome).inc()
+    TOKEN_REFRESH_SECONDS.labels(token.provider).observe(elapsed)
+    log.info(
+        "token_refresh",
+        extra={
+            "event": "token_refresh",
+            "token_id": token.id,
+            "provider": token.provider,
+            "outcome": attempt.outcome,
+            "error_code": attempt.error_code,
+            "trigger": trigger,
+        },
+    )
+    if failure is not None:
+        raise _api_error(failure)
+    return token
+
+
+def _api_error(failure: ProviderFailure) -> Exception:
+    if failure.kind == "permanent":
+        return NeedsReauth(reason=failure.error_code)
+    if failure.kind == "configuration":
+        log.error(
+            "provider_config_error",
+            extra={"event": "provider_config_error", "error_code": failure.error_code},
+        )
+        return ProviderConfigError(
+            f"the provider rejected Mailkey's client configuration ({failure.error_code})",
+            reason=failure.error_code,
+        )
+    retry_after = max(1, int(failure.retry_after or 0) or 5)
+    return ProviderUnavailable(
+        f"the provider is temporarily unavailable ({failure.error_code})",
+        reason=failure.error_code,
+        headers={"Retry-After": str(retry_after)},
+        extra={"retry_after": retry_after},
+    )
+
+
+def get_valid_access_token(token_id: int, *, force_refresh: bool = False) -> str:
+    """An access token good for at least five more minutes; refreshes first when needed."""
+    token = db.session.get(UserEmailToken, token_id, populate_existing=True)
+    if token is None:
+        raise NotFound("no such token")
+    _ensure_usable(token)
+    stale = token.expires_at is None or token.expires_at - utcnow() < MIN_VALIDITY
+    if force_refresh or stale:
+        token = refresh_token(token_id, trigger="use", force=force_refresh).token
+    try:
+        secret = read_access_token(token)
+    except DecryptionError:
+        raise _unusable_ciphertext(token) from None
+    db.session.execute(
+        update(UserEmailToken).where(UserEmailToken.id == token_id).values(last_used_at=utcnow())
+    )
+    db.session.commit()
+    return secret
+
+
+# --- revoke -------------------------------------------------------------------------------
+
+
+def revoke(owner: tuple[int, int], token_id: int) -> tuple[UserEmailToken, bool, str]:
+    """Revoke at the provider where it has an endpoint, then wipe the secrets locally.
+
+    Returns (token, provider_revoked, message). Repeating it is harmless.
+    """
+    lock = _lock(token_id)
+    lock.acquire()
+    try:
+        token = get_owned_token(owner, token_id)
+        db.session.refresh(token)
+        if token.status == "revoked":
+            return token, False, "the token was already revoked"
+        provider = provider_for(token.provider)
+        provider_revoked, message = _revoke_at_provider(provider, token)
+        token.access_token_encrypted = None
+        token.refresh_token_encrypted = None
+        token.status = "revoked"
+        token.status_reason = "revoked_by_user"
+        token.revoked_at = utcnow()
+        _pause_accounts(token.id, "token revoked")
+        db.session.commit()
+        log.info(
+            "token_revoked",
+            extra={
+                "event": "token_revoked",
+                "token_id": token.id,
+                "provider_revoked": provider_revoked,
+            },
+        )
+        return token, provider_revoked, message
+    finally:
+        try:
+            lock.release()
+        except Exception:  # noqa: S110
+            pass
+
+
+def _revoke_at_provider(provider: Provider, token: UserEmailToken) -> tuple[bool, str]:
+    if not provider.revoke_url:
+        return False, (
+            f"{provider.name} has no token revocation endpoint; the token was revoked in "
+            "Mailkey only (the user can remove the app's access in their account settings)"
+        )
+    try:
+        secret = read_refresh_token(token) or read_access_token(token)
+    except DecryptionError:
+        return False, "the stored token could not be decrypted; revoked in Mailkey only"
+    data = {"token": secret}
+    if provider.client_id:
+        data["client_id"] = provider.client_id
+    try:
+        response = requests.post(
+            provider.revoke_url, data=data, timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"]
+        )
+    except requests.RequestException:
+        return False, "the provider could not be reached; the token was revoked in Mailkey only"
+    if response.status_code < 400:
+        return True, "revoked at the provider and in Mailkey"
+    return False, (
+        f"the provider answered HTTP {response.status_code}; the token was revoked in Mailkey only"
+    )
+
+
+def list_tokens(
+    owner: tuple[int, int],
+    *,
+    provider: str | None = None,
+    status: str | None = None,
+    limit: int = 50,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    from webapp.services.pagination import paginate
+
+    query = select(UserEmailToken).where(
+        UserEmailToken.organization_id == owner[0], UserEmailToken.user_id == owner[1]
+    )
+    if provider:
+        query = query.where(UserEmailToken.provider == provider)
+    if status:
+        query = query.where(status_filter(status, utcnow()))
+    return paginate(query, UserEmailToken.id, limit, cursor)
+
+
+def status_filter(status: str, now: datetime) -> Any:
+    """SQL condition for a reported status (`expired` and `active` are derived)."""
+    stored_active = UserEmailToken.status == "active"
+    if status == "expired":
+        return stored_active & (UserEmailToken.expires_at <= now)
+    if status == "active":
+        return stored_active & (
+            UserEmailToken.expires_at.is_(None) | (UserEmailToken.expires_at > now)
+        )
+    return UserEmailToken.status == status
