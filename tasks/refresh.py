@@ -46,7 +46,7 @@ def refresh_token(self: Any, token_id: int, force: bool = False) -> dict[str, An
             token_id, trigger="task", force=force, ahead=max(ahead, token_service.MIN_VALIDITY)
         )
     except ProviderUnavailable as exc:
-        retry_after = float(exc.extra.get("retry_after") or 0)
+        retry_after = getattr(exc, "provider_retry_after", None)
         if self.request.retries >= self.max_retries:
             _clear_marker(token_id)
             log.warning(

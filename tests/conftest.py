@@ -122,6 +122,7 @@ def base_env(
         env.update(oauth_provider.env(prefix))
     env["YAHOO_REVOKE_URL"] = ""  # Yahoo: no revocation endpoint unless configured
     env["MICROSOFT_USERINFO_URL"] = ""
+    env["MICROSOFT_REVOKE_URL"] = ""  # as in production: Microsoft has no revocation endpoint
     return env
 
 

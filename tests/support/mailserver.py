@@ -58,6 +58,7 @@ __all__ = [
     "SeededMessage",
     "SmtpServer",
     "free_port",
+    "group_pids",
     "introspect_token",
     "make_ca_and_cert",
 ]
@@ -194,6 +195,7 @@ def introspect_token(
     *,
     client_id: str | None = None,
     client_secret: str | None = None,
+    ca_file: str | os.PathLike[str] | None = None,
     timeout: float = 10.0,
 ) -> dict[str, Any]:
     """POST ``token=<token>`` to an RFC 7662 endpoint and return the JSON response.
@@ -210,7 +212,8 @@ def introspect_token(
         headers={"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"},
         method="POST",
     )
-    with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310
+    ctx = ssl.create_default_context(cafile=str(ca_file)) if ca_file else None
+    with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:  # noqa: S310
         data = json.loads(resp.read().decode("utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"introspection returned non-object JSON: {data!r}")
@@ -263,10 +266,27 @@ def _kill_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
 
 
-def _quote_conf(value: str) -> str:
-    if any(c in value for c in '"\\\n'):
-        raise ValueError(f"unsupported character in config value {value!r}")
-    return f'"{value}"'
+def _rmtree_all(paths: list[Path]) -> None:
+    for p in paths:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Live (non-zombie) processes in process group *pgid* (Linux /proc scan)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                stat_ = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ..." -- comm may contain spaces/parens
+        fields = stat_[stat_.rfind(b")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            pids.append(int(entry))
+    return pids
 
 
 _MAILDIR_FLAG_LETTERS = {
@@ -414,6 +434,7 @@ class DovecotServer:
         required_scope: str | None = None,
         introspection_client_id: str | None = None,
         introspection_client_secret: str | None = None,
+        introspection_ca_file: str | os.PathLike[str] | None = None,
         special_folders: bool = True,
         start_timeout: float = 20.0,
         debug: bool = False,
@@ -423,6 +444,7 @@ class DovecotServer:
         self.required_scope = required_scope
         self.introspection_client_id = introspection_client_id
         self.introspection_client_secret = introspection_client_secret
+        self.introspection_ca_file = introspection_ca_file
         self.special_folders = special_folders
         self.start_timeout = start_timeout
         self.debug = debug
@@ -439,6 +461,9 @@ class DovecotServer:
         # unprivileged mail processes, so it always lives in a short private dir in /tmp.
         self.rundir = Path(tempfile.mkdtemp(prefix="dvk-", dir="/tmp"))  # noqa: S108
         os.chmod(self.rundir, 0o755)  # noqa: S103
+        self._dirs_finalizer = weakref.finalize(
+            self, _rmtree_all, [self.rundir] + ([self.workdir] if self._own_workdir else [])
+        )
         self.base_dir = self.rundir / "run"
         self.state_dir = self.rundir / "state"
 
@@ -525,6 +550,8 @@ class DovecotServer:
         if self.introspection_client_id is not None:
             oauth.append(f"client_id = {self.introspection_client_id}")
             oauth.append(f"client_secret = {self.introspection_client_secret or ''}")
+        if self.introspection_ca_file is not None:
+            oauth.append(f"tls_ca_cert_file = {self.introspection_ca_file}")
         self.oauth2_conf_path.write_text("\n".join(oauth) + "\n")
 
         for d in (self.base_dir, self.state_dir, self.mail_root):
@@ -662,7 +689,11 @@ service anvil {{
     # ------------------------------------------------------------------ lifecycle
 
     def __enter__(self) -> DovecotServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -747,21 +778,25 @@ service anvil {{
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
             # A graceful dovecot shutdown lingers 1-3 s (log process drain); the mail
-            # storage is crash-safe, so after a short grace period just kill the group.
+            # storage is crash-safe, so after a short grace period kill the children
+            # first (the still-running master reaps them, no zombies left for init),
+            # then the master itself.
             try:
                 proc.wait(timeout=0.5)
             except subprocess.TimeoutExpired:
+                for pid in group_pids(pgid):
+                    if pid != proc.pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=0.3)
                 _kill_group(pgid)
                 proc.wait(timeout=10)
         # Children (imap, auth, ...) share the process group; make sure none survive.
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(pgid, 0)
-            except (ProcessLookupError, PermissionError):
-                break
+        deadline = time.monotonic() + 10
+        while group_pids(pgid) and time.monotonic() < deadline:
             _kill_group(pgid)
-            time.sleep(0.05)
+            time.sleep(0.02)
         self._proc = None
         if self._finalizer is not None:
             self._finalizer.detach()
@@ -782,9 +817,7 @@ service anvil {{
         """Stop for good and delete the private runtime dirs (and workdir if we made it)."""
         with self._lock:
             self._terminate()
-            shutil.rmtree(self.rundir, ignore_errors=True)
-            if self._own_workdir:
-                shutil.rmtree(self.workdir, ignore_errors=True)
+            self._dirs_finalizer()
 
     def log_tail(self, lines: int = 40) -> str:
         return _log_tail(self.log_path, lines)
@@ -833,7 +866,9 @@ service anvil {{
 
     def kick(self, user: str) -> None:
         """Disconnect all IMAP sessions of *user* (they get ``* BYE``)."""
-        self.doveadm("kick", user)
+        res = self.doveadm("kick", user, check=False)
+        if res.returncode not in (0, 68):  # 68 = EX_NOUSER: nobody to kick
+            raise MailServerError(f"doveadm kick {user} failed: {res.stderr.strip()}")
 
     def doveadm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run ``doveadm -c <this config> <args>`` (server must be running)."""
@@ -1147,6 +1182,7 @@ class _SmtpHandler:
                     token,
                     client_id=owner.introspection_client_id,
                     client_secret=owner.introspection_client_secret,
+                    ca_file=owner.introspection_ca_file,
                 ),
             )
         except (OSError, ValueError) as e:
@@ -1171,7 +1207,7 @@ class _SmtpHandler:
         return AuthResult(success=False, handled=True)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
-        login = getattr(session, "login_data", None)
+        login = getattr(session.auth_data, "login", None)  # LoginPassword / _XOAuth2Identity
         auth_user = _to_str(login) if login else None
         data = envelope.original_content or envelope.content
         if isinstance(data, str):
@@ -1212,6 +1248,7 @@ class SmtpServer:
         required_scope: str | None = None,
         introspection_client_id: str | None = None,
         introspection_client_secret: str | None = None,
+        introspection_ca_file: str | os.PathLike[str] | None = None,
         gmail_style_errors: bool = True,
         server_hostname: str = "smtp.mailkey.test",
         data_size_limit: int = 35 * 1024 * 1024,
@@ -1226,16 +1263,20 @@ class SmtpServer:
         self.required_scope = required_scope
         self.introspection_client_id = introspection_client_id
         self.introspection_client_secret = introspection_client_secret
+        self.introspection_ca_file = introspection_ca_file
         self.gmail_style_errors = gmail_style_errors
         self.server_hostname = server_hostname
         self.data_size_limit = data_size_limit
 
         self._own_workdir = workdir is None and tls_cert is None
         self.workdir: Path | None = None
+        self._dirs_finalizer: weakref.finalize | None = None
         if tls_cert is None or tls_key is None:
             self.workdir = Path(
                 tempfile.mkdtemp(prefix="mailkey-smtp-") if workdir is None else workdir
             )
+            if self._own_workdir:
+                self._dirs_finalizer = weakref.finalize(self, _rmtree_all, [self.workdir])
             ca, cert, key = make_ca_and_cert(self.workdir / "tls")
             self.ca_file: Path | None = ca
             self.cert_file, self.key_file = cert, key
@@ -1331,7 +1372,11 @@ class SmtpServer:
         return ctx
 
     def __enter__(self) -> SmtpServer:
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -1379,8 +1424,8 @@ class SmtpServer:
 
     def stop(self) -> None:
         self._stop_controller()
-        if self._own_workdir and self.workdir is not None:
-            shutil.rmtree(self.workdir, ignore_errors=True)
+        if self._dirs_finalizer is not None:
+            self._dirs_finalizer()
 
     def _stop_controller(self) -> None:
         if self._controller is not None:

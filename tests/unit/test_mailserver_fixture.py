@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.support.mailserver import DovecotServer, SmtpServer, make_ca_and_cert
+from tests.support.mailserver import DovecotServer, SmtpServer, group_pids, make_ca_and_cert
 
 pytestmark = pytest.mark.skipif(
     not (os.path.exists("/usr/sbin/dovecot") and shutil.which("doveadm")),
@@ -355,11 +355,7 @@ def test_reset_uidvalidity(dovecot: DovecotServer, folder: str) -> None:
 
 
 def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
+    return bool(group_pids(pgid))
 
 
 def test_outage_stop_restart_and_clean_shutdown(idp: FakeIntrospection) -> None:

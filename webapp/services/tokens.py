@@ -292,12 +292,13 @@ def _api_error(failure: ProviderFailure) -> Exception:
             reason=failure.error_code,
         )
     retry_after = max(1, int(failure.retry_after or 0) or 5)
-    return ProviderUnavailable(
+    error = ProviderUnavailable(
         f"the provider is temporarily unavailable ({failure.error_code})",
         reason=failure.error_code,
         headers={"Retry-After": str(retry_after)},
-        extra={"retry_after": retry_after},
     )
+    error.provider_retry_after = failure.retry_after  # type: ignore[attr-defined]
+    return error
 
 
 def get_valid_access_token(token_id: int, *, force_refresh: bool = False) -> str:

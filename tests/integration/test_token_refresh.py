@@ -1,0 +1,316 @@
+"""Refresh, revoke and ownership of tokens, over real HTTP against the local provider."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from tests.support.flows import connect
+from tests.support.oauth_provider import ScriptedResponse
+from webapp.extensions import db
+from webapp.models import MailAccount, TokenRefreshAttempt, UserEmailToken, utcnow
+from webapp.services import tokens as token_service
+
+
+@pytest.fixture
+def connected(client, auth_headers, oauth_provider):
+    """A connected Google mailbox of user 1 / org 1; returns its token id."""
+    response = connect(client, auth_headers(), "google", oauth_provider, "owner@example.com")
+    assert response.status_code == 201, response.json
+    return response.json["id"]
+
+
+def _token(token_id: int) -> UserEmailToken:
+    db.session.expire_all()
+    return db.session.get(UserEmailToken, token_id)
+
+
+def _refresh(client, headers, token_id):
+    return client.post(f"/api/v1/oauth/tokens/{token_id}/refresh", headers=headers)
+
+
+def test_refresh_now_returns_the_updated_resource(client, auth_headers, connected, oauth_provider):
+    before = _token(connected).access_token_encrypted
+    response = _refresh(client, auth_headers(), connected)
+    assert response.status_code == 200, response.json
+    assert response.json["status"] == "active"
+    assert _token(connected).access_token_encrypted != before
+    assert oauth_provider.requests[-1][1]["grant_type"] == "refresh_token"
+    attempt = db.session.scalars(sa.select(TokenRefreshAttempt)).one()
+    assert attempt.outcome == "success" and attempt.duration_ms is not None
+
+
+def test_strict_rotation_persists_the_new_refresh_token(
+    client, auth_headers, connected, oauth_provider
+):
+    oauth_provider.rotation = "strict"
+    old_refresh = token_service.read_refresh_token(_token(connected))
+    assert _refresh(client, auth_headers(), connected).status_code == 200
+    new_refresh = token_service.read_refresh_token(_token(connected))
+    assert new_refresh != old_refresh
+    assert not oauth_provider.refresh_token_alive(old_refresh)
+    # and the stored one keeps working
+    assert _refresh(client, auth_headers(), connected).status_code == 200
+
+
+def test_no_rotation_keeps_the_old_refresh_token(client, auth_headers, connected, oauth_provider):
+    oauth_provider.rotation = "none"
+    old_refresh = token_service.read_refresh_token(_token(connected))
+    assert _refresh(client, auth_headers(), connected).status_code == 200
+    assert token_service.read_refresh_token(_token(connected)) == old_refresh
+
+
+def test_invalid_grant_marks_needs_reauth_and_pauses_account(
+    client, auth_headers, connected, oauth_provider
+):
+    oauth_provider.fail_token_with(
+        "invalid_grant", description="Token has been expired or revoked."
+    )
+    response = _refresh(client, auth_headers(), connected)
+    assert response.status_code == 409
+    assert response.json["error"]["code"] == "needs_reauth"
+    token = _token(connected)
+    assert token.status == "needs_reauth" and token.status_reason == "invalid_grant"
+    account = db.session.scalars(sa.select(MailAccount)).one()
+    assert account.status == "paused"
+    attempt = db.session.scalars(sa.select(TokenRefreshAttempt)).one()
+    assert attempt.outcome == "permanent_error" and attempt.http_status == 400
+    # no further provider call: the grant is dead until the user reconnects
+    calls = oauth_provider.calls["token"]
+    assert _refresh(client, auth_headers(), connected).json["error"]["code"] == "needs_reauth"
+    assert oauth_provider.calls["token"] == calls
+
+
+def test_microsoft_aadsts_permanent_code_is_needs_reauth(client, auth_headers, oauth_provider):
+    response = connect(client, auth_headers(), "microsoft", oauth_provider, "ms@contoso.com")
+    oauth_provider.fail_token_with(
+        "invalid_grant",
+        description="AADSTS700082: The refresh token has expired due to inactivity.",
+    )
+    refreshed = _refresh(client, auth_headers(), response.json["id"])
+    assert refreshed.json["error"]["code"] == "needs_reauth"
+
+
+def test_invalid_client_is_config_error_and_token_untouched(
+    client, auth_headers, connected, oauth_provider
+):
+    before = _token(connected).access_token_encrypted
+    oauth_provider.fail_token_with("invalid_client", status=401)
+    response = _refresh(client, auth_headers(), connected)
+    assert response.status_code == 502
+    assert response.json["error"]["code"] == "provider_config_error"
+    token = _token(connected)
+    assert token.status == "active" and token.access_token_encrypted == before
+    assert token.refresh_failure_count == 1 and "invalid_client" in token.last_refresh_error
+
+
+@pytest.mark.parametrize(
+    "scripted",
+    [
+        ScriptedResponse(status=503, body="<html>unavailable</html>"),
+        ScriptedResponse(
+            status=429, json={"error": "temporarily_unavailable"}, headers={"Retry-After": "7"}
+        ),
+        ScriptedResponse(status=200, body="not json at all"),
+        ScriptedResponse(status=400, json={"error": "server_error"}),
+    ],
+    ids=["5xx", "429", "non-json", "server_error"],
+)
+def test_transient_failures_are_503_with_retry_after(
+    client, auth_headers, connected, oauth_provider, scripted
+):
+    oauth_provider.script("token", scripted)
+    response = _refresh(client, auth_headers(), connected)
+    assert response.status_code == 503
+    assert response.json["error"]["code"] == "provider_unavailable"
+    assert int(response.headers["Retry-After"]) >= 1
+    if scripted.status == 429:
+        assert response.headers["Retry-After"] == "7"
+    assert _token(connected).status == "active"
+    attempt = db.session.scalars(sa.select(TokenRefreshAttempt)).one()
+    assert attempt.outcome == "transient_error"
+
+
+def test_slow_provider_times_out_as_transient(base_env, make_token, oauth_provider):
+    from tests.conftest import make_app
+
+    app = make_app(base_env, PROVIDER_TIMEOUT_SECONDS="1")
+    with app.app_context():
+        client = app.test_client()
+        headers = {"Authorization": f"Bearer {make_token(60, 60)}"}
+        token_id = connect(client, headers, "google", oauth_provider, "slow@example.com").json["id"]
+        oauth_provider.script("token", ScriptedResponse(status=200, json={}, delay=3))
+        response = _refresh(client, headers, token_id)
+        assert response.status_code == 503
+        assert response.json["error"]["reason"] == "timeout"
+
+
+def test_undecryptable_token_is_409_needs_reauth_never_500(
+    client, auth_headers, connected, oauth_provider
+):
+    other = connect(client, auth_headers(), "google", oauth_provider, "other@example.com").json[
+        "id"
+    ]
+    # swap the refresh ciphertexts of two rows in SQL: AAD binds each to its row
+    a, b = _token(connected), _token(other)
+    a_refresh, b_refresh = a.refresh_token_encrypted, b.refresh_token_encrypted
+    db.session.execute(
+        sa.update(UserEmailToken)
+        .where(UserEmailToken.id == connected)
+        .values(refresh_token_encrypted=b_refresh)
+    )
+    db.session.execute(
+        sa.update(UserEmailToken)
+        .where(UserEmailToken.id == other)
+        .values(refresh_token_encrypted=a_refresh)
+    )
+    db.session.commit()
+    response = _refresh(client, auth_headers(), connected)
+    assert response.status_code == 409
+    assert response.json["error"] == {
+        "code": "needs_reauth",
+        "message": response.json["error"]["message"],
+        "reason": "decryption_failed",
+    }
+    listed = client.get(f"/api/v1/oauth/tokens/{connected}", headers=auth_headers()).json
+    assert listed["status"] == "needs_reauth" and listed["status_reason"] == "decryption_failed"
+
+
+def test_tampered_access_token_is_reported_not_500(client, auth_headers, connected):
+    token = _token(connected)
+    text = token.access_token_encrypted
+    tampered = text[:-1] + ("A" if text[-1] != "A" else "B")
+    db.session.execute(
+        sa.update(UserEmailToken)
+        .where(UserEmailToken.id == connected)
+        .values(access_token_encrypted=tampered)
+    )
+    db.session.commit()
+    from webapp.errors import NeedsReauth
+
+    with pytest.raises(NeedsReauth) as caught:
+        token_service.get_valid_access_token(connected)
+    assert caught.value.reason == "decryption_failed"
+
+
+def test_get_valid_access_token_refreshes_when_close_to_expiry(app, connected, oauth_provider):
+    db.session.execute(sa.update(UserEmailToken).values(expires_at=utcnow() + timedelta(minutes=2)))
+    db.session.commit()
+    calls = oauth_provider.calls["token"]
+    secret = token_service.get_valid_access_token(connected)
+    assert oauth_provider.calls["token"] == calls + 1
+    assert oauth_provider.access_token_active(secret)
+    token = _token(connected)
+    assert token.last_used_at is not None
+    assert token.expires_at - utcnow() > timedelta(minutes=50)
+    # still fresh: no second call
+    token_service.get_valid_access_token(connected)
+    assert oauth_provider.calls["token"] == calls + 1
+
+
+def test_revoke_with_a_revocation_endpoint(client, auth_headers, connected, oauth_provider):
+    refresh_secret = token_service.read_refresh_token(_token(connected))
+    response = client.post(f"/api/v1/oauth/tokens/{connected}/revoke", headers=auth_headers())
+    assert response.status_code == 200
+    assert response.json["provider_revoked"] is True
+    assert response.json["status"] == "revoked"
+    assert refresh_secret in oauth_provider.revoked
+    token = _token(connected)
+    assert token.access_token_encrypted is None and token.refresh_token_encrypted is None
+    assert db.session.scalars(sa.select(MailAccount)).one().status == "paused"
+    again = client.post(f"/api/v1/oauth/tokens/{connected}/revoke", headers=auth_headers())
+    assert again.status_code == 200 and again.json["status"] == "revoked"
+    refresh = _refresh(client, auth_headers(), connected)
+    assert refresh.status_code == 409 and refresh.json["error"]["code"] == "token_revoked"
+
+
+def test_revoke_without_a_revocation_endpoint(client, auth_headers, oauth_provider):
+    token_id = connect(client, auth_headers(), "microsoft", oauth_provider, "m@contoso.com").json[
+        "id"
+    ]
+    response = client.post(f"/api/v1/oauth/tokens/{token_id}/revoke", headers=auth_headers())
+    assert response.status_code == 200
+    assert response.json["provider_revoked"] is False
+    assert "no token revocation endpoint" in response.json["message"]
+    assert oauth_provider.revoked == []
+
+
+def test_user_b_cannot_see_refresh_or_revoke_user_as_token(client, auth_headers, connected):
+    stranger = auth_headers(2, 1)
+    other_org = auth_headers(1, 2)
+    for headers in (stranger, other_org):
+        assert client.get(f"/api/v1/oauth/tokens/{connected}", headers=headers).status_code == 404
+        assert _refresh(client, headers, connected).status_code == 404
+        revoke = client.post(f"/api/v1/oauth/tokens/{connected}/revoke", headers=headers)
+        assert revoke.status_code == 404
+        assert client.get("/api/v1/oauth/tokens", headers=headers).json["items"] == []
+    assert (
+        client.get("/api/v1/oauth/tokens/999999", headers=stranger).json["error"]["code"]
+        == "not_found"
+    )
+    assert _token(connected).status == "active"
+
+
+def test_token_list_filters_and_pagination(client, auth_headers, oauth_provider):
+    headers = auth_headers()
+    ids = [
+        connect(client, headers, "google", oauth_provider, f"p{i}@example.com").json["id"]
+        for i in range(3)
+    ]
+    db.session.execute(
+        sa.update(UserEmailToken)
+        .where(UserEmailToken.id == ids[0])
+        .values(expires_at=utcnow() - timedelta(hours=1))
+    )
+    db.session.commit()
+    expired = client.get("/api/v1/oauth/tokens?status=expired", headers=headers).json["items"]
+    assert [t["id"] for t in expired] == [ids[0]] and expired[0]["status"] == "expired"
+    page = client.get("/api/v1/oauth/tokens?limit=2", headers=headers).json
+    assert len(page["items"]) == 2 and page["next_cursor"]
+    rest = client.get(
+        f"/api/v1/oauth/tokens?limit=2&cursor={page['next_cursor']}", headers=headers
+    ).json
+    assert [t["id"] for t in rest["items"]] == [ids[2]] and rest["next_cursor"] is None
+    bad = client.get("/api/v1/oauth/tokens?status=bogus&limit=abc", headers=headers)
+    assert bad.status_code == 422 and set(bad.json["error"]["fields"]) == {"status", "limit"}
+    assert client.get("/api/v1/oauth/tokens?cursor=%%%", headers=headers).status_code == 422
+    assert client.get("/api/v1/oauth/tokens?limit=100000", headers=headers).status_code == 200
+
+
+def _refresh_in_process(env: dict, token_id: int, threads: int, start_at: float) -> list[bool]:
+    """Runs in a separate process: `threads` concurrent refreshes of one token, all
+    fired at the same wall-clock instant as the other processes'."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import make_app
+
+    app = make_app(env)
+
+    def one() -> bool:
+        with app.app_context():
+            time.sleep(max(0.0, start_at - time.time()))
+            return token_service.refresh_token(token_id, trigger="test").refreshed
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(lambda _: one(), range(threads)))
+
+
+def test_twenty_concurrent_refreshes_from_four_processes_make_one_provider_call(
+    base_env, connected, oauth_provider
+):
+    oauth_provider.rotation = "strict"
+    calls = oauth_provider.calls["token"]
+    context = multiprocessing.get_context("spawn")
+    start_at = time.time() + 8  # after every spawned process has imported the app
+    with context.Pool(4) as pool:
+        results = pool.starmap(_refresh_in_process, [(base_env, connected, 5, start_at)] * 4)
+    flat = [refreshed for chunk in results for refreshed in chunk]
+    assert len(flat) == 20
+    assert oauth_provider.calls["token"] == calls + 1
+    assert flat.count(True) == 1
+    assert _token(connected).status == "active"
