@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from datetime import timedelta
@@ -53,7 +54,7 @@ def test_task_retries_transient_errors_after_2_4_8_seconds(client, auth_headers,
     assert outcome["outcome"] == "transient_error"
     attempts = _attempts(token_id)
     assert [a.outcome for a in attempts] == ["transient_error"] * 4
-    gaps = [(b.started_at - a.started_at).total_seconds() for a, b in zip(attempts, attempts[1:])]
+    gaps = [(b.started_at - a.started_at).total_seconds() for a, b in itertools.pairwise(attempts)]
     for gap, expected in zip(gaps, (2, 4, 8), strict=True):
         assert expected - 0.2 <= gap <= expected + 1.5, gaps
     token = db.session.get(UserEmailToken, token_id)
