@@ -33,6 +33,74 @@ def generate_command() -> None:
         click.echo(f"{name}={value}")
 
 
+@keys_cli.command("rotate")
+@click.option("--dry-run", is_flag=True, help="Only count what would be re-encrypted.")
+@click.option("--batch-size", type=click.IntRange(1, 10000), default=500, show_default=True)
+def rotate_command(dry_run: bool, batch_size: int) -> None:
+    """Re-encrypt every ciphertext not under the current keys (batched, resumable)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from webapp.services.keys import (
+        COLUMNS,
+        RotationReport,
+        count_encrypted,
+        count_stale,
+        rotate_column,
+    )
+
+    console = Console(stderr=True)
+    report = RotationReport()
+    totals = {spec.name: count_stale(spec) for spec in COLUMNS}
+    already_current = sum(count_encrypted(spec) for spec in COLUMNS) - sum(totals.values())
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=dry_run,
+    ) as progress:
+        for spec in COLUMNS:
+            bar = progress.add_task(spec.name, total=totals[spec.name])
+            for handled in rotate_column(spec, report, batch_size, dry_run):
+                progress.advance(bar, handled)
+    if dry_run:
+        for name, total in totals.items():
+            click.echo(f"{name}: {total} to re-encrypt")
+        click.echo(
+            f"dry run: {sum(totals.values())} would be re-encrypted, "
+            f"{already_current} already current"
+        )
+        return
+    click.echo(
+        f"rotated {report.rotated}, already current {already_current}, failed {report.failed_count}"
+    )
+    for name, ids in report.failed.items():
+        click.echo(f"failed in {name}: ids {', '.join(map(str, ids))}")
+    if report.failed_count:
+        raise SystemExit(1)
+
+
+@keys_cli.command("status")
+def status_command() -> None:
+    """How many ciphertexts each key fingerprint still protects, per column."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from webapp.services.keys import fingerprint_counts
+
+    table = Table("column", "key fingerprint", "key", "rows")
+    rows = fingerprint_counts()
+    for column, fingerprint, role, count in rows:
+        table.add_row(column, fingerprint, role, str(count))
+    Console().print(table)
+    if any(role != "current" for _c, _f, role, _n in rows):
+        click.echo("Rows remain under old keys: run `flask keys rotate` before dropping them.")
+    else:
+        click.echo("Every ciphertext is under the current keys; *_PREVIOUS keys can be removed.")
+
+
 def register_cli(app: Flask) -> None:
     app.cli.add_command(auth_cli)
     app.cli.add_command(keys_cli)

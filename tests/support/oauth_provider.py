@@ -606,7 +606,7 @@ class OAuthProvider:
             if access is not None and access.live():
                 grant, extra = (
                     access.grant,
-                    {"token_type": "access_token", "exp": int(access.expires_at)},
+                    {"token_type": "Bearer", "exp": int(access.expires_at)},
                 )
             elif refresh is not None and refresh.alive and refresh.grant.alive:
                 grant, extra = refresh.grant, {"token_type": "refresh_token"}

@@ -19,11 +19,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from tests.conftest import IN_CI
 from tests.support.mailserver import DovecotServer, SmtpServer, group_pids, make_ca_and_cert
 
+# Skipped loudly on a developer machine without Dovecot; in CI (CI=true) it runs and fails.
 pytestmark = pytest.mark.skipif(
-    not (os.path.exists("/usr/sbin/dovecot") and shutil.which("doveadm")),
-    reason="dovecot not installed",
+    not (os.path.exists("/usr/sbin/dovecot") and shutil.which("doveadm")) and not IN_CI,
+    reason="SERVICE MISSING: dovecot not installed (apt-get install dovecot-imapd)",
 )
 
 imapclient = pytest.importorskip("imapclient")

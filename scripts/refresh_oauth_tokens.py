@@ -1,0 +1,310 @@
+"""Operator CLI: list OAuth mailbox tokens and refresh them in bulk.
+
+    python scripts/refresh_oauth_tokens.py --list [--status S] [--provider P] [--json]
+    python scripts/refresh_oauth_tokens.py --refresh-all [--days N] [--provider P]
+        [--status S] [--dry-run] [--enqueue] [--json]
+    python scripts/refresh_oauth_tokens.py --token-id N [--dry-run] [--enqueue] [--json]
+
+Runs against the configured database (the same environment as the web and worker
+processes) and calls the same token service they do. Exit status: 0 when everything
+succeeded, 1 when anything failed (needs re-auth included), 2 on bad usage. Only
+the requested output goes to stdout; logs and the progress bar go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+# The Celery app loads `celeryconfig` from the project root, which is not on
+# sys.path when this file is run as `python scripts/refresh_oauth_tokens.py`.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import Progress  # noqa: E402
+from rich.table import Table  # noqa: E402
+from sqlalchemy import select  # noqa: E402
+
+from webapp.errors import MailkeyError, NeedsReauth, TokenRevoked  # noqa: E402
+from webapp.logs import redact  # noqa: E402
+from webapp.models import UserEmailToken, utcnow  # noqa: E402
+from webapp.models.tokens import TOKEN_STATUSES_REPORTED  # noqa: E402
+from webapp.providers import PROVIDER_NAMES  # noqa: E402
+
+log = logging.getLogger("mailkey.cli.refresh")
+
+REFRESH_TASK = "tasks.refresh.refresh_token"
+PROGRESS_THRESHOLD = 5
+DEFAULT_DAYS = 7
+OK, FAILED, USAGE = 0, 1, 2
+
+
+@dataclass
+class Outcome:
+    id: int
+    outcome: str  # refreshed | skipped | failed | needs_reauth
+    error: str | None = None
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="List Mailkey OAuth tokens and refresh them.",
+        epilog="Exit status: 0 all succeeded, 1 something failed or needs re-auth, 2 bad usage.",
+    )
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--list", action="store_true", help="list tokens")
+    action.add_argument(
+        "--refresh-all",
+        action="store_true",
+        help="refresh active tokens (expired included) expiring within --days",
+    )
+    action.add_argument(
+        "--token-id", type=positive_int, metavar="N", help="refresh one token, whatever its expiry"
+    )
+    parser.add_argument("--provider", choices=PROVIDER_NAMES, help="only this provider's tokens")
+    parser.add_argument("--status", choices=TOKEN_STATUSES_REPORTED, help="only this status")
+    parser.add_argument(
+        "--days",
+        type=non_negative_int,
+        metavar="N",
+        help=f"with --refresh-all: expiring within N days (default {DEFAULT_DAYS})",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="show what would be refreshed; change nothing"
+    )
+    parser.add_argument(
+        "--enqueue", action="store_true", help="send the refreshes to the Celery workers"
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.days is not None and not args.refresh_all:
+        parser.error("--days only applies to --refresh-all")
+    if args.list and (args.dry_run or args.enqueue):
+        parser.error("--dry-run and --enqueue do not apply to --list")
+    if args.token_id is not None and (args.provider or args.status):
+        parser.error("--provider and --status do not apply to --token-id")
+    if args.days is None:
+        args.days = DEFAULT_DAYS
+    return args
+
+
+# --- selection and display ---------------------------------------------------------------
+
+
+def select_tokens(args: argparse.Namespace, now: datetime) -> list[UserEmailToken]:
+    from webapp.extensions import db
+    from webapp.services.tokens import status_filter
+
+    query = select(UserEmailToken)
+    if args.token_id is not None:
+        query = query.where(UserEmailToken.id == args.token_id)
+    if args.provider:
+        query = query.where(UserEmailToken.provider == args.provider)
+    if args.status:
+        query = query.where(status_filter(args.status, now))
+    elif args.refresh_all:
+        query = query.where(UserEmailToken.status == "active")
+    if args.refresh_all:
+        query = query.where(UserEmailToken.expires_at <= now + timedelta(days=args.days))
+        query = query.order_by(UserEmailToken.expires_at, UserEmailToken.id)
+    else:
+        query = query.order_by(UserEmailToken.id)
+    return list(db.session.scalars(query))
+
+
+def humanize(delta: timedelta) -> str:
+    seconds = abs(int(delta.total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def expires_in(token: UserEmailToken, now: datetime) -> str:
+    if token.expires_at is None:
+        return "-"
+    delta = token.expires_at - now
+    return (
+        f"in {humanize(delta)}" if delta.total_seconds() > 0 else f"expired {humanize(delta)} ago"
+    )
+
+
+def stdout_console() -> Console:
+    console = Console()
+    # Piped output has no width to follow: do not wrap addresses at 80 columns.
+    return console if console.is_terminal else Console(width=250)
+
+
+def print_table(tokens: list[UserEmailToken], now: datetime, title: str) -> None:
+    table = Table(title=title, title_justify="left")
+    for name in ("id", "organization", "user", "provider", "address", "status"):
+        table.add_column(name, no_wrap=True, justify="right" if name == "id" else "left")
+    table.add_column("expires in", no_wrap=True)
+    table.add_column("last refresh", no_wrap=True)
+    table.add_column("last error", overflow="fold")
+    for token in tokens:
+        last = f"{humanize(now - token.last_refreshed_at)} ago" if token.last_refreshed_at else "-"
+        table.add_row(
+            str(token.id),
+            str(token.organization_id),
+            str(token.user_id),
+            token.provider,
+            token.email_address,
+            token.derived_status(now),
+            expires_in(token, now),
+            last,
+            token.last_refresh_error or "",
+        )
+    stdout_console().print(table)
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+
+
+def show_tokens(tokens: list[UserEmailToken], now: datetime, args: argparse.Namespace) -> None:
+    if args.json:
+        from webapp.api.v1.schemas_tokens import TokenSchema
+
+        print_json(TokenSchema().dump(tokens, many=True))
+        return
+    noun = "token" if len(tokens) == 1 else "tokens"
+    title = f"{len(tokens)} {noun}" + (" would be refreshed" if args.dry_run else "")
+    print_table(tokens, now, title)
+
+
+# --- refreshing --------------------------------------------------------------------------
+
+
+def describe(exc: Exception) -> str:
+    if isinstance(exc, MailkeyError):
+        return f"{exc.code}: {exc.reason}" if exc.reason else exc.code
+    return redact(f"{type(exc).__name__}: {exc}")[:200]
+
+
+def refresh_one(token_id: int) -> Outcome:
+    from webapp.extensions import db
+    from webapp.services.tokens import refresh_token
+
+    try:
+        result = refresh_token(token_id, trigger="cli", force=True)
+    except (NeedsReauth, TokenRevoked) as exc:
+        return Outcome(token_id, "needs_reauth", describe(exc))
+    except Exception as exc:
+        db.session.rollback()
+        if not isinstance(exc, MailkeyError):
+            log.exception("cli_refresh_crashed", extra={"event": "cli_refresh_crashed"})
+        return Outcome(token_id, "failed", describe(exc))
+    return Outcome(token_id, "refreshed" if result.refreshed else "skipped")
+
+
+def enqueue_one(token_id: int) -> Outcome:
+    from webapp.services.queue import enqueue
+
+    try:
+        enqueue(REFRESH_TASK, token_id, True)
+    except Exception as exc:
+        log.exception("cli_enqueue_failed", extra={"event": "cli_enqueue_failed"})
+        return Outcome(token_id, "failed", describe(exc))
+    return Outcome(token_id, "enqueued")
+
+
+def run_all(token_ids: list[int], enqueue: bool) -> list[Outcome]:
+    work = enqueue_one if enqueue else refresh_one
+    if len(token_ids) <= PROGRESS_THRESHOLD:
+        return [work(token_id) for token_id in token_ids]
+    outcomes = []
+    label = "Enqueueing" if enqueue else "Refreshing"
+    with Progress(console=Console(stderr=True), redirect_stdout=False) as progress:
+        task = progress.add_task(label, total=len(token_ids))
+        for token_id in token_ids:
+            outcomes.append(work(token_id))
+            progress.advance(task)
+    return outcomes
+
+
+def report(outcomes: list[Outcome], args: argparse.Namespace) -> int:
+    counts = Counter(outcome.outcome for outcome in outcomes)
+    failed = counts["failed"] + counts["needs_reauth"]
+    if args.enqueue:
+        summary: dict[str, Any] = {"enqueued": counts["enqueued"], "failed": counts["failed"]}
+        line = f"enqueued {counts['enqueued']}, failed {counts['failed']}"
+    else:
+        keys = ("refreshed", "skipped", "failed", "needs_reauth")
+        summary = {key: counts[key] for key in keys}
+        line = ", ".join(
+            f"{key.replace('_', ' ').replace('reauth', 're-auth')} {counts[key]}" for key in keys
+        )
+    if args.json:
+        print_json({**summary, "results": [asdict(outcome) for outcome in outcomes]})
+    else:
+        for outcome in outcomes:
+            if outcome.error:
+                print(f"token {outcome.id}: {outcome.outcome.replace('_', ' ')} ({outcome.error})")
+        print(line)
+    return FAILED if failed else OK
+
+
+def run(args: argparse.Namespace) -> int:
+    now = utcnow()
+    tokens = select_tokens(args, now)
+    if args.token_id is not None and not tokens:
+        print(f"error: no token with id {args.token_id}", file=sys.stderr)
+        return FAILED
+    if args.list or args.dry_run:
+        show_tokens(tokens, now, args)
+        return OK
+    return report(run_all([token.id for token in tokens], args.enqueue), args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    from webapp import create_app
+    from webapp.config import ConfigError
+
+    try:
+        app = create_app()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return FAILED
+    with app.app_context():
+        try:
+            return run(args)
+        finally:
+            from webapp.extensions import db
+
+            db.session.remove()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
