@@ -37,4 +37,4 @@ beat_max_loop_interval = 10
 redbeat_lock_timeout = 60
 redbeat_key_prefix = "mailkey:redbeat"
 
-imports = ("tasks.refresh",)
+imports = ("tasks.refresh", "tasks.sync")

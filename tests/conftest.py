@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.support.mailserver import DovecotServer, SmtpServer
 from tests.support.oauth_provider import OAuthProvider
 from webapp import create_app
 from webapp.auth import issue_token
@@ -31,6 +34,7 @@ TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 JWT_SECRET = "test-jwt-secret-" + "x" * 56
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 TABLES = (
+    "mail_sends",
     "mail_messages",
     "mail_folders",
     "sync_runs",
@@ -93,6 +97,50 @@ def oauth_provider() -> Iterator[OAuthProvider]:
         yield provider
 
 
+PASSWORD_USER = "pw-user@example.com"
+PASSWORD = "pw-user-secret"
+
+
+@dataclass
+class MailServers:
+    imap: DovecotServer
+    smtp: SmtpServer
+
+
+@pytest.fixture(scope="session")
+def mail_servers(
+    oauth_provider: OAuthProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MailServers | None]:
+    """Dovecot (IMAP, XOAUTH2 checked against the local provider) and an SMTP server."""
+    if not (os.path.exists("/usr/sbin/dovecot") and shutil.which("doveadm")):
+        yield None
+        return
+    users = {PASSWORD_USER: PASSWORD}
+    with DovecotServer(
+        oauth_provider.url("introspect"),
+        password_users=users,
+        workdir=tmp_path_factory.mktemp("dovecot"),
+    ) as imap:
+        with SmtpServer(
+            oauth_provider.url("introspect"),
+            password_users=users,
+            security="starttls",
+            tls_cert=imap.cert_file,
+            tls_key=imap.key_file,
+            ca_file=imap.ca_file,
+        ) as smtp:
+            yield MailServers(imap, smtp)
+
+
+@pytest.fixture
+def mail(mail_servers: MailServers | None) -> MailServers:
+    if mail_servers is None:
+        missing_service("Dovecot (apt-get install dovecot-imapd)")
+    assert mail_servers is not None
+    mail_servers.smtp.clear()
+    return mail_servers
+
+
 @pytest.fixture(scope="session")
 def encryption_keys() -> dict[str, str]:
     return generate_keys()
@@ -105,6 +153,7 @@ def base_env(
     redis_url: str,
     oauth_provider: OAuthProvider,
     encryption_keys: dict[str, str],
+    mail_servers: MailServers | None,
 ) -> dict[str, str]:
     instance = tmp_path_factory.mktemp("instance")
     env = {
@@ -120,6 +169,21 @@ def base_env(
     }
     for prefix in ("GOOGLE", "MICROSOFT", "YAHOO"):
         env.update(oauth_provider.env(prefix))
+    if mail_servers is not None:
+        env["MAIL_CA_FILE"] = str(mail_servers.imap.ca_file)
+        env["MAIL_TIMEOUT_SECONDS"] = "10"
+        test_ports = (
+            mail_servers.imap.imaps_port,
+            mail_servers.imap.imap_port,
+            mail_servers.smtp.port,
+        )
+        env["MAIL_ALLOWED_PORTS"] = ",".join(map(str, (993, 143, 465, 587, 25, *test_ports)))
+        for prefix in ("GOOGLE", "MICROSOFT", "YAHOO"):
+            env[f"{prefix}_IMAP_HOST"] = mail_servers.imap.host
+            env[f"{prefix}_IMAP_PORT"] = str(mail_servers.imap.imaps_port)
+            env[f"{prefix}_SMTP_HOST"] = mail_servers.smtp.host
+            env[f"{prefix}_SMTP_PORT"] = str(mail_servers.smtp.port)
+            env[f"{prefix}_SMTP_SECURITY"] = "starttls"
     env["YAHOO_REVOKE_URL"] = ""  # Yahoo: no revocation endpoint unless configured
     env["MICROSOFT_USERINFO_URL"] = ""
     env["MICROSOFT_REVOKE_URL"] = ""  # as in production: Microsoft has no revocation endpoint

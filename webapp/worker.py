@@ -20,6 +20,11 @@ def beat_schedule(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
             "task": "tasks.refresh.keep_tokens_alive",
             "schedule": 86400.0,
         },
+        "sync-due-accounts": {
+            "task": "tasks.sync.sync_due_accounts",
+            "schedule": float(min(60, config["SYNC_INTERVAL_SECONDS"])),
+            "options": {"expires": 60.0},
+        },
     }
 
 

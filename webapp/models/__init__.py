@@ -1,7 +1,13 @@
 """SQLAlchemy models. Import from here: `from webapp.models import UserEmailToken`."""
 
 from webapp.models.base import Base, UTCDateTime, utcnow
-from webapp.models.mail import MailAccount, MailFolder, MailMessage, SyncRun
+from webapp.models.mail import (
+    MailAccount,
+    MailFolder,
+    MailMessage,
+    OutboundMessage,
+    SyncRun,
+)
 from webapp.models.tokens import (
     TOKEN_STATUSES_REPORTED,
     TokenRefreshAttempt,
@@ -14,6 +20,7 @@ __all__ = [
     "MailAccount",
     "MailFolder",
     "MailMessage",
+    "OutboundMessage",
     "SyncRun",
     "TokenRefreshAttempt",
     "UTCDateTime",

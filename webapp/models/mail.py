@@ -143,3 +143,32 @@ class SyncRun(Base):
         if self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds()
+
+
+SEND_STATUSES = ("queued", "sent", "failed")
+
+
+class OutboundMessage(TimestampMixin, Base):
+    """The outbox: one row per send request. The message itself is PII and is kept
+    encrypted only until it is sent; the Idempotency-Key is unique per account."""
+
+    __tablename__ = "mail_sends"
+    __table_args__ = (
+        CheckConstraint("status IN ('queued', 'sent', 'failed')", name="status"),
+        UniqueConstraint("account_id", "idempotency_key"),
+        Index("ix_mail_sends_account_created", "account_id", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("mail_accounts.id", ondelete="CASCADE"), nullable=False
+    )
+    organization_id: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
+    message_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    payload_encrypted: Mapped[str | None] = mapped_column(Text)
+    recipient_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    status: Mapped[str] = mapped_column(String(20), nullable=False, default="queued")
+    error: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())

@@ -36,8 +36,8 @@ def account_password_aad(row: Any) -> str:
     )
 
 
-def snippet_aad(row: Any) -> str:
-    return f"mailkey:v1|table=mail_messages|folder={row.folder_id}|uid={row.uid}|column=snippet"
+def snippet_aad(folder_id: int, uid: int) -> str:
+    return f"mailkey:v1|table=mail_messages|folder={folder_id}|uid={uid}|column=snippet"
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ COLUMNS: tuple[EncryptedColumn, ...] = (
         MailMessage.snippet_encrypted,
         EncryptionKeys.PII,
         (MailMessage.folder_id, MailMessage.uid),
-        snippet_aad,
+        lambda row: snippet_aad(row.folder_id, row.uid),
     ),
 )
 

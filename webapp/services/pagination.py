@@ -29,10 +29,17 @@ def decode_cursor(cursor: str) -> int:
 
 
 def paginate(
-    query: Select[Any], id_column: InstrumentedAttribute[int], limit: int, cursor: str | None
+    query: Select[Any],
+    id_column: InstrumentedAttribute[int],
+    limit: int,
+    cursor: str | None,
+    *,
+    newest_first: bool = False,
 ) -> dict[str, Any]:
     if cursor:
-        query = query.where(id_column > decode_cursor(cursor))
-    rows = list(db.session.scalars(query.order_by(id_column).limit(limit + 1)))
+        last = decode_cursor(cursor)
+        query = query.where(id_column < last if newest_first else id_column > last)
+    order = id_column.desc() if newest_first else id_column
+    rows = list(db.session.scalars(query.order_by(order).limit(limit + 1)))
     next_cursor = encode_cursor(rows[limit - 1].id) if len(rows) > limit else None
     return {"items": rows[:limit], "next_cursor": next_cursor}

@@ -1,0 +1,281 @@
+"""Sync and send against a real Dovecot and SMTP server, XOAUTH2 checked against the
+local OAuth provider, on a real Celery worker."""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+
+import pytest
+import sqlalchemy as sa
+
+from tests.conftest import PASSWORD, PASSWORD_USER, make_app
+from tests.support.flows import connect
+from webapp.extensions import db
+from webapp.models import (
+    MailAccount,
+    MailMessage,
+    OutboundMessage,
+    SyncRun,
+    TokenRefreshAttempt,
+    UserEmailToken,
+    utcnow,
+)
+
+pytestmark = pytest.mark.usefixtures("celery_worker")
+
+
+def _finished_runs(account_id: int) -> list[SyncRun]:
+    db.session.expire_all()
+    return list(
+        db.session.scalars(
+            sa.select(SyncRun)
+            .where(SyncRun.account_id == account_id, SyncRun.outcome != "running")
+            .order_by(SyncRun.id)
+        )
+    )
+
+
+def _wait_runs(account_id: int, count: int, timeout: float = 40) -> list[SyncRun]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = _finished_runs(account_id)
+        if len(runs) >= count:
+            return runs
+        time.sleep(0.1)
+    raise AssertionError(f"expected {count} finished sync runs, got {_finished_runs(account_id)}")
+
+
+def _sync(client, headers, account_id: int) -> SyncRun:
+    before = len(_finished_runs(account_id))
+    response = client.post(f"/api/v1/accounts/{account_id}/sync", headers=headers)
+    assert response.status_code == 202, response.json
+    run_id = response.json["sync_run_id"]
+    runs = _wait_runs(account_id, before + 1)
+    assert runs[-1].id == run_id
+    return runs[-1]
+
+
+def _messages(account_id: int) -> int:
+    db.session.expire_all()
+    return db.session.scalar(
+        sa.select(sa.func.count())
+        .select_from(MailMessage)
+        .where(MailMessage.account_id == account_id)
+    )
+
+
+@pytest.fixture
+def mailbox(client, auth_headers, oauth_provider, mail):
+    """alice@example.com with 30 messages, connected through OAuth and initially synced."""
+    address = f"alice-{time.monotonic_ns()}@example.com"
+    mail.imap.seed(address, "INBOX", 30)
+    response = connect(client, auth_headers(), "google", oauth_provider, address)
+    assert response.status_code == 201, response.json
+    account_id = response.json["account_id"]
+    first = _wait_runs(account_id, 1)[0]
+    assert first.outcome == "succeeded", first.error
+    return {
+        "address": address,
+        "account_id": account_id,
+        "token_id": response.json["id"],
+        "run": first,
+    }
+
+
+def test_initial_sync_stores_envelopes_and_encrypted_snippets(client, auth_headers, mailbox):
+    run = mailbox["run"]
+    assert run.new_count == 30 and run.deleted_count == 0
+    account_id = mailbox["account_id"]
+    assert _messages(account_id) == 30
+    folders = client.get(f"/api/v1/accounts/{account_id}/folders", headers=auth_headers()).json
+    names = {folder["name"] for folder in folders["items"]}
+    assert {"INBOX", "Sent", "Trash"} <= names
+    page = client.get(
+        f"/api/v1/accounts/{account_id}/messages?folder=INBOX&limit=10", headers=auth_headers()
+    ).json
+    assert len(page["items"]) == 10 and page["next_cursor"]
+    message = page["items"][0]
+    assert message["subject"].startswith("Seed message")
+    assert message["from_address"] and message["to_addresses"]
+    assert message["sent_at"].endswith("Z") and message["size"] > 1000
+    assert message["snippet"]
+    stored = db.session.scalars(sa.select(MailMessage).limit(1)).one()
+    assert stored.snippet_encrypted.startswith("v1:")
+    assert message["snippet"][:20] not in stored.snippet_encrypted
+    account = db.session.get(MailAccount, account_id)
+    assert account.status == "active" and account.last_synced_at is not None
+
+
+def test_unchanged_mailbox_changes_nothing(client, auth_headers, mailbox):
+    run = _sync(client, auth_headers(), mailbox["account_id"])
+    assert run.outcome == "succeeded"
+    assert (run.new_count, run.updated_count, run.deleted_count) == (0, 0, 0)
+
+
+def test_new_mail_flags_and_expunge_are_picked_up(client, auth_headers, mailbox, mail):
+    account_id, address = mailbox["account_id"], mailbox["address"]
+    mail.imap.seed(address, "INBOX", 5, subject_prefix="Fresh")
+    run = _sync(client, auth_headers(), account_id)
+    assert run.new_count == 5 and _messages(account_id) == 35
+
+    uids = sorted(mail.imap.fetch_uids(address, "INBOX"))
+    mail.imap.add_flags(address, "INBOX", uids[:3], [b"\\Seen"])
+    run = _sync(client, auth_headers(), account_id)
+    assert run.updated_count == 3 and run.new_count == 0
+    flags = db.session.scalars(
+        sa.select(MailMessage.flags).where(MailMessage.uid.in_(uids[:3]))
+    ).all()
+    assert all("\\Seen" in f for f in flags)
+
+    mail.imap.expunge(address, "INBOX", uids[-4:])
+    run = _sync(client, auth_headers(), account_id)
+    assert run.deleted_count == 4 and _messages(account_id) == 31
+
+
+def test_uidvalidity_change_resyncs_the_folder_without_duplicates(
+    client, auth_headers, mailbox, mail
+):
+    account_id, address = mailbox["account_id"], mailbox["address"]
+    mail.imap.reset_uidvalidity(address, "INBOX")
+    run = _sync(client, auth_headers(), account_id)
+    assert run.outcome == "succeeded"
+    assert run.deleted_count == 30 and run.new_count == 30
+    assert _messages(account_id) == 30
+    message_ids = db.session.scalars(sa.select(MailMessage.message_id)).all()
+    assert len(message_ids) == len(set(message_ids))
+
+
+def test_expired_token_is_refreshed_before_connecting(
+    client, auth_headers, mailbox, oauth_provider
+):
+    db.session.execute(sa.update(UserEmailToken).values(expires_at=utcnow() - timedelta(minutes=1)))
+    db.session.commit()
+    oauth_provider.expire_all_access_tokens()
+    calls = oauth_provider.calls["token"]
+    run = _sync(client, auth_headers(), mailbox["account_id"])
+    assert run.outcome == "succeeded", run.error
+    assert oauth_provider.calls["token"] == calls + 1
+
+
+def test_rejected_access_token_is_retried_once_after_a_forced_refresh(
+    client, auth_headers, mailbox, oauth_provider
+):
+    oauth_provider.expire_all_access_tokens()  # still "valid" in Mailkey's eyes
+    calls = oauth_provider.calls["token"]
+    run = _sync(client, auth_headers(), mailbox["account_id"])
+    assert run.outcome == "succeeded", run.error
+    assert oauth_provider.calls["token"] == calls + 1
+
+
+def test_revoked_grant_pauses_the_account_without_a_retry_loop(
+    client, auth_headers, mailbox, oauth_provider
+):
+    oauth_provider.revoke_grant_for(mailbox["address"])
+    run = _sync(client, auth_headers(), mailbox["account_id"])
+    assert run.outcome == "failed"
+    time.sleep(3)  # a retry would have happened after 2 s
+    assert len(_finished_runs(mailbox["account_id"])) == 2
+    account = db.session.get(MailAccount, mailbox["account_id"])
+    token = db.session.get(UserEmailToken, mailbox["token_id"])
+    assert account.status == "paused"
+    assert token.status == "needs_reauth"
+    attempts = db.session.scalars(sa.select(TokenRefreshAttempt.outcome)).all()
+    assert attempts == ["permanent_error"]
+
+
+def test_server_down_is_retried_and_heals(client, auth_headers, mailbox, mail):
+    account_id = mailbox["account_id"]
+    mail.imap.seed(mailbox["address"], "INBOX", 2)
+    mail.imap.stop_temporarily()
+    try:
+        response = client.post(f"/api/v1/accounts/{account_id}/sync", headers=auth_headers())
+        assert response.status_code == 202
+        failed = _wait_runs(account_id, 2)[-1]
+        assert failed.outcome == "failed"
+        assert db.session.get(MailAccount, account_id).status == "error"
+    finally:
+        mail.imap.restart()
+    healed = _wait_runs(account_id, 3, timeout=30)[-1]
+    assert healed.outcome == "succeeded" and healed.new_count == 2
+    assert db.session.get(MailAccount, account_id).status == "active"
+
+
+def test_send_with_xoauth2_once_per_idempotency_key(client, auth_headers, mailbox, mail):
+    account_id = mailbox["account_id"]
+    body = {"to": ["bob@example.com"], "subject": "Hello", "text": "Hi Bob", "html": "<p>Hi</p>"}
+    headers = {**auth_headers(), "Idempotency-Key": "send-1"}
+    first = client.post(f"/api/v1/accounts/{account_id}/send", json=body, headers=headers)
+    assert first.status_code == 202 and first.json["status"] == "queued"
+    replay = client.post(f"/api/v1/accounts/{account_id}/send", json=body, headers=headers)
+    assert replay.status_code == 202 and replay.json["send_id"] == first.json["send_id"]
+    messages = mail.smtp.wait_for_messages(1, timeout=20)
+    time.sleep(1)
+    assert len(mail.smtp.messages) == 1
+    assert messages[0]["auth_user"] == mailbox["address"]
+    assert b"Subject: Hello" in messages[0]["data"]
+    status_url = f"/api/v1/accounts/{account_id}/sends/{first.json['send_id']}"
+    deadline = time.monotonic() + 10
+    while client.get(status_url, headers=auth_headers()).json["status"] == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert client.get(status_url, headers=auth_headers()).json["status"] == "sent"
+    row = db.session.get(OutboundMessage, first.json["send_id"])
+    assert row.payload_encrypted is None
+    bad = client.post(
+        f"/api/v1/accounts/{account_id}/send", json={"subject": "x"}, headers=auth_headers()
+    )
+    assert bad.status_code == 422 and "to" in bad.json["error"]["fields"]
+
+
+def test_password_account_is_tried_before_it_is_saved(client, auth_headers, mail):
+    base = {
+        "email_address": PASSWORD_USER,
+        "imap_host": mail.imap.host,
+        "imap_port": mail.imap.imaps_port,
+        "smtp_host": mail.smtp.host,
+        "smtp_port": mail.smtp.port,
+    }
+    wrong = client.post(
+        "/api/v1/accounts", json={**base, "password": "nope"}, headers=auth_headers()
+    )
+    assert wrong.status_code == 422
+    assert wrong.json["error"]["code"] == "mail_server_rejected"
+    assert db.session.scalar(sa.select(sa.func.count()).select_from(MailAccount)) == 0
+    response = client.post(
+        "/api/v1/accounts", json={**base, "password": PASSWORD}, headers=auth_headers()
+    )
+    assert response.status_code == 201, response.json
+    account = response.json
+    assert "password" not in account and account["incoming_auth_method"] == "password"
+    stored = db.session.get(MailAccount, account["id"])
+    assert stored.password_encrypted.startswith("v1:") and PASSWORD not in stored.password_encrypted
+    run = _wait_runs(account["id"], 1)[0]
+    assert run.outcome == "succeeded", run.error
+    assert (
+        client.get(f"/api/v1/accounts/{account['id']}", headers=auth_headers(2, 1)).status_code
+        == 404
+    )
+    patched = client.patch(
+        f"/api/v1/accounts/{account['id']}", json={"sync_enabled": False}, headers=auth_headers()
+    )
+    assert patched.status_code == 200 and patched.json["sync_enabled"] is False
+    deleted = client.delete(f"/api/v1/accounts/{account['id']}", headers=auth_headers())
+    assert deleted.status_code == 204
+
+
+def test_private_hosts_and_odd_ports_are_refused_when_not_allowed(base_env, make_token):
+    app = make_app(base_env, MAIL_ALLOW_PRIVATE_HOSTS="false")
+    with app.app_context():
+        client = app.test_client()
+        headers = {"Authorization": f"Bearer {make_token(70, 70)}"}
+        body = {"email_address": "x@example.com", "imap_host": "127.0.0.1", "password": "p"}
+        response = client.post("/api/v1/accounts", json=body, headers=headers)
+        assert response.status_code == 422
+        assert response.json["error"]["code"] == "host_not_allowed"
+        odd = client.post(
+            "/api/v1/accounts",
+            json={**body, "imap_host": "example.com", "imap_port": 22},
+            headers=headers,
+        )
+        assert odd.json["error"]["code"] == "host_not_allowed"

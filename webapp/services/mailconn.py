@@ -1,0 +1,227 @@
+"""IMAP and SMTP connections: TLS always verified, XOAUTH2 or password login.
+
+An authentication failure is retried once after a forced token refresh; if it
+still fails the caller gets `MailAuthFailed` with the server's message. A grant
+that the refresh finds dead surfaces as NeedsReauth / TokenRevoked.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import ipaddress
+import smtplib
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from flask import current_app
+from imapclient import IMAPClient
+from imapclient.exceptions import LoginError
+
+from webapp.crypto import decrypt_field
+from webapp.errors import HostNotAllowed
+from webapp.models import MailAccount
+from webapp.services.keys import account_password_aad
+from webapp.services.tokens import get_valid_access_token
+
+# Errors worth retrying later: the network or the server, not the credentials.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    socket.timeout,
+    TimeoutError,
+    ConnectionError,
+    imaplib.IMAP4.abort,
+    smtplib.SMTPServerDisconnected,
+    smtplib.SMTPConnectError,
+)
+
+
+class MailAuthFailed(Exception):
+    """The server refused the login even after a forced refresh."""
+
+    def __init__(self, server_message: str) -> None:
+        self.server_message = server_message[:500]
+        super().__init__(self.server_message)
+
+
+def is_transient(error: BaseException) -> bool:
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return False  # a certificate problem needs an operator, not a retry
+    if isinstance(error, smtplib.SMTPResponseException):
+        return 400 <= error.smtp_code < 500
+    return isinstance(error, TRANSIENT_ERRORS) or (
+        isinstance(error, OSError) and not isinstance(error, ssl.SSLError)
+    )
+
+
+def tls_context() -> ssl.SSLContext:
+    """TLS 1.2+, certificate and host name verified; MAIL_CA_FILE adds a CA."""
+    context = ssl.create_default_context()
+    ca_file = current_app.config.get("MAIL_CA_FILE")
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = True
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def check_user_host(host: str, port: int, field: str) -> None:
+    """Hosts typed in by users must not reach private networks (no port scanning)."""
+    allowed_ports = current_app.config["MAIL_ALLOWED_PORTS"]
+    if port not in allowed_ports:
+        raise HostNotAllowed(
+            f"port {port} is not allowed (MAIL_ALLOWED_PORTS)",
+            fields={field: [f"port must be one of {', '.join(map(str, allowed_ports))}"]},
+        )
+    if current_app.config["MAIL_ALLOW_PRIVATE_HOSTS"]:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise HostNotAllowed(
+            f"{host} does not resolve", fields={field: ["host does not resolve"]}
+        ) from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise HostNotAllowed(
+                f"{host} resolves to a private, loopback or link-local address",
+                fields={field: ["host resolves to a non-public address"]},
+            )
+
+
+def xoauth2_string(user: str, access_token: str) -> str:
+    return f"user={user}\x01auth=Bearer {access_token}\x01\x01"
+
+
+def _password(account: MailAccount) -> str:
+    if not account.password_encrypted:
+        raise MailAuthFailed("no password stored for this account")
+    return decrypt_field(account.password_encrypted, "pii", account_password_aad(account))
+
+
+def _with_auth_retry(account: MailAccount, login: Callable[[str | None], Any]) -> Any:
+    """Log in; on a refused OAuth login refresh the token once and try again."""
+    if not account.uses_oauth:
+        return login(None)
+    if account.token_id is None:
+        raise MailAuthFailed("the account has no OAuth token")
+    try:
+        return login(get_valid_access_token(account.token_id))
+    except MailAuthFailed:
+        return login(get_valid_access_token(account.token_id, force_refresh=True))
+
+
+# --- IMAP ---------------------------------------------------------------------------------
+
+
+def _imap_open(host: str, port: int, security: str) -> IMAPClient:
+    timeout = current_app.config["MAIL_TIMEOUT_SECONDS"]
+    context = tls_context()
+    if security == "starttls":
+        client = IMAPClient(host, port=port, ssl=False, timeout=timeout)
+        client.starttls(context)
+    else:
+        client = IMAPClient(host, port=port, ssl=True, ssl_context=context, timeout=timeout)
+    client.normalise_times = False
+    return client
+
+
+def _imap_login(account: MailAccount, access_token: str | None) -> IMAPClient:
+    client = _imap_open(account.incoming_server, account.incoming_port, account.incoming_security)
+    try:
+        if access_token is not None:
+            client.oauth2_login(account.username or account.email_address, access_token)
+        else:
+            client.login(account.username or account.email_address, _password(account))
+    except LoginError as exc:
+        _quietly(client.logout)
+        raise MailAuthFailed(_text(exc)) from None
+    except BaseException:
+        _quietly(client.logout)
+        raise
+    return client
+
+
+@contextmanager
+def imap_session(account: MailAccount) -> Iterator[IMAPClient]:
+    client = _with_auth_retry(account, lambda token: _imap_login(account, token))
+    try:
+        yield client
+    finally:
+        _quietly(client.logout)
+
+
+def try_imap_login(host: str, port: int, security: str, username: str, password: str) -> None:
+    """Used before saving a password account: raises MailAuthFailed or a network error."""
+    client = _imap_open(host, port, security)
+    try:
+        client.login(username, password)
+    except LoginError as exc:
+        raise MailAuthFailed(_text(exc)) from None
+    finally:
+        _quietly(client.logout)
+
+
+# --- SMTP ---------------------------------------------------------------------------------
+
+
+def _smtp_open(host: str, port: int, security: str) -> smtplib.SMTP:
+    timeout = current_app.config["MAIL_TIMEOUT_SECONDS"]
+    context = tls_context()
+    if security == "ssl":
+        smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+    else:
+        smtp = smtplib.SMTP(host, port, timeout=timeout)
+        smtp.ehlo()
+        smtp.starttls(context=context)
+    smtp.ehlo()
+    return smtp
+
+
+def _smtp_login(account: MailAccount, access_token: str | None) -> smtplib.SMTP:
+    if not account.outgoing_server or not account.outgoing_port:
+        raise MailAuthFailed("the account has no SMTP server configured")
+    smtp = _smtp_open(
+        account.outgoing_server, account.outgoing_port, account.outgoing_security or "starttls"
+    )
+    user = account.username or account.email_address
+    try:
+        if access_token is not None:
+            answers = iter([xoauth2_string(user, access_token), ""])
+            # On failure the server sends a 334 challenge with error details and
+            # expects an empty line before its final 535.
+            smtp.auth("XOAUTH2", lambda _challenge=None: next(answers, ""))
+        else:
+            smtp.login(user, _password(account))
+    except smtplib.SMTPAuthenticationError as exc:
+        _quietly(smtp.quit)
+        raise MailAuthFailed(_text(exc.smtp_error)) from None
+    except BaseException:
+        _quietly(smtp.close)
+        raise
+    return smtp
+
+
+@contextmanager
+def smtp_session(account: MailAccount) -> Iterator[smtplib.SMTP]:
+    smtp = _with_auth_retry(account, lambda token: _smtp_login(account, token))
+    try:
+        yield smtp
+    finally:
+        _quietly(smtp.quit)
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _quietly(action: Callable[[], Any]) -> None:
+    try:
+        action()
+    except Exception:  # noqa: S110 - closing a connection that may already be gone
+        pass

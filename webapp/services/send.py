@@ -1,0 +1,167 @@
+"""Sending mail through the outbox: queued once (Idempotency-Key), sent once.
+
+The request is stored encrypted (PII key) until it is sent, then wiped. The task
+takes a per-send lock and never sends a row that is already `sent`; the stable
+Message-ID lets receivers drop a duplicate in the one window that cannot be
+closed (a worker killed after the server accepted the message, before the
+commit).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import smtplib
+from email.message import EmailMessage
+from email.utils import formatdate, make_msgid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from webapp.crypto import decrypt_field, encrypt_field
+from webapp.errors import NeedsReauth, TokenRevoked
+from webapp.extensions import db, redis_store
+from webapp.metrics import SENDS_TOTAL
+from webapp.models import MailAccount, OutboundMessage, utcnow
+from webapp.services.mailconn import MailAuthFailed, is_transient, smtp_session
+from webapp.services.queue import enqueue
+
+log = logging.getLogger("mailkey.send")
+
+
+class TransientSendError(Exception):
+    """The SMTP server or the network failed before the message was accepted."""
+
+
+def payload_aad(send_id: int) -> str:
+    return f"mailkey:v1|table=mail_sends|id={send_id}|column=payload"
+
+
+def queue_send(
+    account: MailAccount, request: dict[str, Any], idempotency_key: str | None
+) -> OutboundMessage:
+    """Store the send (or find the one this Idempotency-Key already stored) and enqueue it."""
+    if idempotency_key:
+        existing = _by_key(account.id, idempotency_key)
+        if existing is not None:
+            return existing
+    domain = account.email_address.rpartition("@")[2] or "mailkey.local"
+    send = OutboundMessage(
+        account_id=account.id,
+        organization_id=account.organization_id,
+        idempotency_key=idempotency_key,
+        message_id=make_msgid(domain=domain),
+        recipient_count=sum(len(request.get(k) or []) for k in ("to", "cc", "bcc")),
+        status="queued",
+    )
+    db.session.add(send)
+    try:
+        db.session.flush()
+    except IntegrityError:
+        db.session.rollback()  # the same key, stored by a concurrent request
+        existing = _by_key(account.id, idempotency_key or "")
+        if existing is None:
+            raise
+        return existing
+    send.payload_encrypted = encrypt_field(json.dumps(request), "pii", payload_aad(send.id))
+    db.session.commit()
+    enqueue("tasks.sync.send_message", send.id)
+    return send
+
+
+def _by_key(account_id: int, key: str) -> OutboundMessage | None:
+    return db.session.scalars(
+        select(OutboundMessage).where(
+            OutboundMessage.account_id == account_id, OutboundMessage.idempotency_key == key
+        )
+    ).first()
+
+
+def build_message(
+    account: MailAccount, send: OutboundMessage, request: dict[str, Any]
+) -> EmailMessage:
+    message = EmailMessage()
+    sender = account.email_address
+    message["From"] = f"{account.display_name} <{sender}>" if account.display_name else sender
+    if request.get("to"):
+        message["To"] = ", ".join(request["to"])
+    if request.get("cc"):
+        message["Cc"] = ", ".join(request["cc"])
+    message["Subject"] = request.get("subject") or ""
+    message["Date"] = formatdate(localtime=False)
+    message["Message-ID"] = send.message_id
+    if request.get("in_reply_to"):
+        message["In-Reply-To"] = request["in_reply_to"]
+    if request.get("references"):
+        message["References"] = " ".join(request["references"])
+    message.set_content(request.get("text") or "")
+    if request.get("html"):
+        message.add_alternative(request["html"], subtype="html")
+    return message
+
+
+def deliver(send_id: int) -> OutboundMessage | None:
+    """Send one queued message. Raises TransientSendError for a retry."""
+    lock = redis_store.client.lock(f"mailkey:lock:send:{send_id}", timeout=600)
+    if not lock.acquire(blocking=True, blocking_timeout=5):
+        return None
+    try:
+        send = db.session.get(OutboundMessage, send_id, populate_existing=True)
+        if send is None or send.status != "queued" or send.payload_encrypted is None:
+            return send  # already sent or failed: never send twice
+        account = db.session.get(MailAccount, send.account_id)
+        if account is None:
+            return _fail(send, "the account was deleted")
+        request = json.loads(decrypt_field(send.payload_encrypted, "pii", payload_aad(send.id)))
+        send.attempts += 1
+        db.session.commit()
+        recipients = [*request.get("to", []), *request.get("cc", []), *request.get("bcc", [])]
+        try:
+            with smtp_session(account) as smtp:
+                smtp.send_message(
+                    build_message(account, send, request),
+                    from_addr=account.email_address,
+                    to_addrs=recipients,
+                )
+        except (NeedsReauth, TokenRevoked) as exc:
+            return _fail(send, exc.message)
+        except MailAuthFailed as exc:
+            return _fail(send, f"authentication failed: {exc.server_message}")
+        except smtplib.SMTPRecipientsRefused as exc:
+            return _fail(send, f"recipients refused: {', '.join(exc.recipients)}")
+        except Exception as exc:
+            if is_transient(exc):
+                db.session.rollback()
+                raise TransientSendError(f"{type(exc).__name__}: {exc}") from exc
+            return _fail(send, f"{type(exc).__name__}: {exc}")
+        send.status = "sent"
+        send.sent_at = utcnow()
+        send.error = None
+        send.payload_encrypted = None
+        db.session.commit()
+        SENDS_TOTAL.labels("sent").inc()
+        log.info("mail_sent", extra={"event": "mail_sent", "send_id": send.id})
+        return send
+    finally:
+        try:
+            lock.release()
+        except Exception:  # noqa: S110
+            pass
+
+
+def _fail(send: OutboundMessage, error: str) -> OutboundMessage:
+    send.status = "failed"
+    send.error = error[:2000]
+    send.payload_encrypted = None
+    db.session.commit()
+    SENDS_TOTAL.labels("failed").inc()
+    log.warning("mail_send_failed", extra={"event": "mail_send_failed", "send_id": send.id})
+    return send
+
+
+def give_up(send_id: int, error: str) -> None:
+    """After the last retry: the send is failed, with the last error."""
+    send = db.session.get(OutboundMessage, send_id)
+    if send is not None and send.status == "queued":
+        _fail(send, error)

@@ -1,0 +1,410 @@
+"""Incremental IMAP sync, one account at a time across all workers.
+
+Per folder Mailkey keeps UIDVALIDITY, the highest UID seen and (with CONDSTORE)
+the highest MODSEQ. A run costs one EXAMINE per folder when nothing changed;
+new messages are fetched by UID range in batches (envelope, flags, size and a
+short snippet, never whole bodies) and bulk-inserted; flag changes come from
+CHANGEDSINCE (or a FLAGS fetch); expunged messages are removed; a changed
+UIDVALIDITY resyncs that folder. Every batch commits, and inserts ignore rows
+already stored, so a sync killed half-way resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from email.header import decode_header, make_header
+from typing import Any
+
+from flask import current_app
+from imapclient import IMAPClient
+from sqlalchemy import delete, func, select, update
+
+from webapp.crypto import encrypt_field
+from webapp.errors import NeedsReauth, TokenRevoked
+from webapp.extensions import db, redis_store
+from webapp.metrics import MESSAGES_SYNCED_TOTAL, SYNC_RUNS_TOTAL, SYNC_SECONDS
+from webapp.models import MailAccount, MailFolder, MailMessage, SyncRun, utcnow
+from webapp.services.keys import snippet_aad
+from webapp.services.mailconn import MailAuthFailed, imap_session, is_transient
+
+log = logging.getLogger("mailkey.sync")
+
+LOCK_KEY = "mailkey:lock:sync:{}"
+SYNC_TIME_LIMIT = 1800  # the sync task's hard limit; a lock or run older than this is stale
+SNIPPET_BYTES = 512
+FLAG_CHUNK = 1000
+SNIPPET_CHARS = 200
+WHITESPACE = re.compile(r"\s+")
+
+
+class SyncBusy(Exception):
+    """Another worker holds this account's sync lock."""
+
+
+class TransientSyncError(Exception):
+    """The server or network failed; the task retries."""
+
+
+@dataclass
+class Counts:
+    new: int = 0
+    updated: int = 0
+    deleted: int = 0
+
+
+# --- runs ---------------------------------------------------------------------------------
+
+
+def start_run(account: MailAccount) -> tuple[SyncRun, bool]:
+    """The account's running run (True) or a new one (False); stale runs are closed."""
+    stale_before = utcnow() - timedelta(seconds=SYNC_TIME_LIMIT)
+    db.session.execute(
+        update(SyncRun)
+        .where(SyncRun.account_id == account.id, SyncRun.outcome == "running")
+        .where(SyncRun.started_at < stale_before)
+        .values(outcome="failed", finished_at=utcnow(), error="interrupted (worker lost)")
+    )
+    running = db.session.scalars(
+        select(SyncRun)
+        .where(SyncRun.account_id == account.id, SyncRun.outcome == "running")
+        .order_by(SyncRun.id.desc())
+    ).first()
+    if running is not None:
+        db.session.commit()
+        return running, True
+    run = SyncRun(account_id=account.id, organization_id=account.organization_id)
+    db.session.add(run)
+    db.session.commit()
+    return run, False
+
+
+def _finish(run: SyncRun, counts: Counts, outcome: str, error: str | None) -> None:
+    run.finished_at = utcnow()
+    run.outcome = outcome
+    run.new_count, run.updated_count, run.deleted_count = counts.new, counts.updated, counts.deleted
+    run.error = error[:2000] if error else None
+    db.session.commit()
+    SYNC_RUNS_TOTAL.labels(outcome).inc()
+    SYNC_SECONDS.observe((run.finished_at - run.started_at).total_seconds())
+    MESSAGES_SYNCED_TOTAL.inc(counts.new)
+
+
+# --- the engine ---------------------------------------------------------------------------
+
+
+def sync_account(account_id: int, run_id: int | None = None) -> SyncRun:
+    """Sync one account. Raises SyncBusy when another worker is syncing it and
+    TransientSyncError when the server or network failed (the run is recorded)."""
+    lock = redis_store.client.lock(LOCK_KEY.format(account_id), timeout=SYNC_TIME_LIMIT)
+    if not lock.acquire(blocking=False):
+        raise SyncBusy(account_id)
+    try:
+        account = db.session.get(MailAccount, account_id, populate_existing=True)
+        if account is None:
+            raise LookupError(f"account {account_id} does not exist")
+        run = db.session.get(SyncRun, run_id) if run_id else None
+        if run is None or run.outcome != "running":
+            run, _ = start_run(account)
+        return _run(account, run)
+    finally:
+        try:
+            lock.release()
+        except Exception:  # noqa: S110 - expired on its own
+            pass
+
+
+def _run(account: MailAccount, run: SyncRun) -> SyncRun:
+    counts = Counts()
+    clock = time.perf_counter()
+    try:
+        with imap_session(account) as client:
+            _sync_folders(account, client, counts)
+    except (NeedsReauth, TokenRevoked) as exc:
+        db.session.rollback()
+        _set_account(account, "paused", exc.message)
+        _finish(run, counts, "failed", exc.message)
+        return run
+    except MailAuthFailed as exc:
+        db.session.rollback()
+        _set_account(account, "error", f"authentication failed: {exc.server_message}")
+        _finish(run, counts, "failed", f"authentication failed: {exc.server_message}")
+        return run
+    except Exception as exc:
+        db.session.rollback()
+        message = f"{type(exc).__name__}: {exc}"
+        _set_account(account, "error", message)
+        _finish(run, counts, "failed", message)
+        if is_transient(exc):
+            raise TransientSyncError(message) from exc
+        log.exception("sync_failed", extra={"event": "sync_failed", "account_id": account.id})
+        return run
+    account.last_synced_at = utcnow()
+    _set_account(account, "active", None)
+    _finish(run, counts, "succeeded", None)
+    log.info(
+        "sync_finished",
+        extra={
+            "event": "sync_finished",
+            "account_id": account.id,
+            "new": counts.new,
+            "updated": counts.updated,
+            "deleted": counts.deleted,
+            "seconds": round(time.perf_counter() - clock, 3),
+        },
+    )
+    return run
+
+
+def _set_account(account: MailAccount, status: str, error: str | None) -> None:
+    db.session.execute(
+        update(MailAccount)
+        .where(MailAccount.id == account.id)
+        .values(
+            status=status,
+            last_error=error[:2000] if error else None,
+            last_synced_at=account.last_synced_at,
+            updated_at=utcnow(),
+        )
+    )
+    db.session.commit()
+
+
+def _sync_folders(account: MailAccount, client: IMAPClient, counts: Counts) -> None:
+    condstore = client.has_capability("CONDSTORE")
+    if condstore and client.has_capability("ENABLE"):
+        client.enable("CONDSTORE")
+    stored = {
+        folder.name: folder
+        for folder in db.session.scalars(
+            select(MailFolder).where(MailFolder.account_id == account.id)
+        )
+    }
+    seen: set[str] = set()
+    for flags, delimiter, name in client.list_folders():
+        flag_names = [_text(flag) for flag in flags]
+        if any(flag.lower() in ("\\noselect", "\\nonexistent") for flag in flag_names):
+            continue
+        seen.add(name)
+        folder = stored.get(name)
+        if folder is None:
+            folder = MailFolder(account_id=account.id, name=name, highest_uid=0, message_count=0)
+            db.session.add(folder)
+        folder.delimiter = _text(delimiter) if delimiter else None
+        folder.flags = flag_names
+        db.session.flush()
+        _sync_folder(account, client, folder, condstore, counts)
+    for name, folder in stored.items():
+        if name not in seen:
+            counts.deleted += folder.message_count
+            db.session.delete(folder)
+    db.session.commit()
+
+
+def _sync_folder(
+    account: MailAccount, client: IMAPClient, folder: MailFolder, condstore: bool, counts: Counts
+) -> None:
+    info = client.select_folder(folder.name, readonly=True)
+    uidvalidity = int(info[b"UIDVALIDITY"])
+    exists = int(info.get(b"EXISTS", 0))
+    uidnext = int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None
+    modseq = _modseq(info) if condstore else None
+
+    if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
+        removed = db.session.execute(
+            delete(MailMessage).where(MailMessage.folder_id == folder.id)
+        ).rowcount
+        counts.deleted += removed or 0
+        folder.highest_uid = 0
+        folder.highestmodseq = None
+        folder.message_count = 0
+        log.info(
+            "uidvalidity_changed",
+            extra={"event": "uidvalidity_changed", "account_id": account.id, "folder": folder.name},
+        )
+    folder.uidvalidity = uidvalidity
+
+    unchanged = (
+        uidnext is not None
+        and uidnext - 1 <= folder.highest_uid
+        and exists == folder.message_count
+        and (not condstore or (modseq is not None and modseq == folder.highestmodseq))
+    )
+    if not unchanged:
+        known_before = folder.highest_uid
+        if exists and (uidnext is None or uidnext - 1 > folder.highest_uid):
+            _fetch_new(account, client, folder, counts)
+        if known_before:
+            counts.updated += _update_flags(client, folder, known_before, condstore)
+            counts.deleted += _remove_expunged(client, folder, known_before, exists)
+        folder.message_count = db.session.scalar(
+            select(func.count()).select_from(MailMessage).where(MailMessage.folder_id == folder.id)
+        )
+    folder.highestmodseq = modseq
+    folder.last_synced_at = utcnow()
+    db.session.commit()
+
+
+def _modseq(info: dict[bytes, Any]) -> int | None:
+    value = info.get(b"HIGHESTMODSEQ")
+    return int(value) if value is not None else None
+
+
+def _fetch_new(
+    account: MailAccount, client: IMAPClient, folder: MailFolder, counts: Counts
+) -> None:
+    start = folder.highest_uid + 1
+    uids = sorted(uid for uid in client.search(["UID", f"{start}:*"]) if uid >= start)
+    batch_size = current_app.config["SYNC_BATCH_SIZE"]
+    items = ["UID", "ENVELOPE", "FLAGS", "RFC822.SIZE", f"BODY.PEEK[1]<0.{SNIPPET_BYTES}>"]
+    for index in range(0, len(uids), batch_size):
+        batch = uids[index : index + batch_size]
+        response = client.fetch(batch, items)
+        rows = [_message_row(account, folder, uid, data) for uid, data in sorted(response.items())]
+        counts.new += _insert(rows)
+        folder.highest_uid = max(folder.highest_uid, batch[-1])
+        db.session.commit()
+
+
+def _insert(rows: list[dict[str, Any]]) -> int:
+    if not rows:
+        return 0
+    if db.engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    statement = insert(MailMessage).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
+    result = db.session.execute(statement.returning(MailMessage.id), rows)
+    return len(result.all())
+
+
+def _message_row(
+    account: MailAccount, folder: MailFolder, uid: int, data: dict[bytes, Any]
+) -> dict[str, Any]:
+    envelope = data.get(b"ENVELOPE")
+    snippet = _snippet(_body_part(data))
+    return {
+        "account_id": account.id,
+        "folder_id": folder.id,
+        "uid": uid,
+        "message_id": _text(envelope.message_id) if envelope and envelope.message_id else None,
+        "subject": _header(envelope.subject) if envelope else None,
+        "from_address": next(iter(_addresses(envelope.from_ if envelope else None)), None),
+        "to_addresses": _addresses(envelope.to if envelope else None),
+        "cc_addresses": _addresses(envelope.cc if envelope else None),
+        "sent_at": _utc(envelope.date) if envelope else None,
+        "flags": [_text(flag) for flag in data.get(b"FLAGS", ())],
+        "size": data.get(b"RFC822.SIZE"),
+        "snippet_encrypted": (
+            encrypt_field(snippet, "pii", snippet_aad(folder.id, uid)) if snippet else None
+        ),
+        "modseq": int(data[b"MODSEQ"][0]) if b"MODSEQ" in data else None,
+    }
+
+
+def _body_part(data: dict[bytes, Any]) -> bytes:
+    for key, value in data.items():
+        if key.startswith(b"BODY[1]") and isinstance(value, bytes):
+            return value
+    return b""
+
+
+def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore: bool) -> int:
+    """Flags changed since the last run: CHANGEDSINCE with CONDSTORE, else a FLAGS fetch.
+
+    IMAPClient keeps only answers for the ids it was asked about, so the stored UIDs
+    are sent in chunks rather than as one range.
+    """
+    current = {
+        uid: flags
+        for uid, flags in db.session.execute(
+            select(MailMessage.uid, MailMessage.flags).where(
+                MailMessage.folder_id == folder.id, MailMessage.uid <= known
+            )
+        )
+    }
+    modifiers = None
+    if condstore and folder.highestmodseq is not None:
+        modifiers = [f"CHANGEDSINCE {folder.highestmodseq}"]
+    uids = sorted(current)
+    changed = 0
+    for index in range(0, len(uids), FLAG_CHUNK):
+        response = client.fetch(uids[index : index + FLAG_CHUNK], ["FLAGS"], modifiers=modifiers)
+        for uid, data in response.items():
+            flags = [_text(flag) for flag in data.get(b"FLAGS", ())]
+            if sorted(current[uid]) != sorted(flags):
+                db.session.execute(
+                    update(MailMessage)
+                    .where(MailMessage.folder_id == folder.id, MailMessage.uid == uid)
+                    .values(flags=flags)
+                )
+                changed += 1
+    return changed
+
+
+def _remove_expunged(client: IMAPClient, folder: MailFolder, known: int, exists: int) -> int:
+    stored = db.session.scalar(
+        select(func.count()).select_from(MailMessage).where(MailMessage.folder_id == folder.id)
+    )
+    if stored <= exists:
+        return 0
+    on_server = set(client.search(["UID", f"1:{known}"])) if exists else set()
+    ours = set(
+        db.session.scalars(
+            select(MailMessage.uid).where(
+                MailMessage.folder_id == folder.id, MailMessage.uid <= known
+            )
+        )
+    )
+    gone = sorted(ours - on_server)
+    for index in range(0, len(gone), 1000):
+        db.session.execute(
+            delete(MailMessage).where(
+                MailMessage.folder_id == folder.id, MailMessage.uid.in_(gone[index : index + 1000])
+            )
+        )
+    return len(gone)
+
+
+# --- decoding -----------------------------------------------------------------------------
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _header(value: Any) -> str | None:
+    if value is None:
+        return None
+    raw = _text(value)
+    try:
+        return str(make_header(decode_header(raw)))
+    except Exception:
+        return raw
+
+
+def _addresses(addresses: Iterable[Any] | None) -> list[str]:
+    result = []
+    for address in addresses or ():
+        if address.mailbox and address.host:
+            result.append(f"{_text(address.mailbox)}@{_text(address.host)}")
+    return result
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+def _snippet(body: bytes) -> str:
+    text = body.decode("utf-8", "replace")
+    return WHITESPACE.sub(" ", text).strip()[:SNIPPET_CHARS]
