@@ -27,9 +27,12 @@ mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 
 children=()
 cleanup() {
+  # Stop in reverse order: the processes first, the embedded Redis they use last.
   trap - EXIT INT TERM
-  for pid in "${children[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  for ((i = ${#children[@]} - 1; i >= 0; i--)); do
+    kill "${children[i]}" 2>/dev/null || true
+    wait "${children[i]}" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT INT TERM
 
