@@ -72,7 +72,7 @@ def test_oauth_flow_logs_no_secret(client, auth_headers, oauth_provider, capture
 @pytest.mark.parametrize(
     "line",
     [
-        '127.0.0.1 - - "GET /api/v1/oauth/callback/google?code=4/0AbCdEf&state=xyz123 HTTP/1.1" 201',
+        '127.0.0.1 "GET /api/v1/oauth/callback/google?code=4/0AbCdEf&state=xyz123 HTTP/1.1" 201',
         "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig",
         "{'refresh_token': 'rt-secret-value', 'password': 'hunter2'}",
         '{"access_token": "at-secret-value", "id_token": "eyJ.x.y"}',

@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 from tests.support.flows import connect
 from webapp.extensions import db
-from webapp.models import TokenRefreshAttempt, UserEmailToken, utcnow
+from webapp.models import MailAccount, SyncRun, TokenRefreshAttempt, UserEmailToken, utcnow
 from webapp.services import tokens as token_service
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -80,8 +80,36 @@ def wait_for(predicate, timeout: float = 30.0) -> None:
     raise AssertionError("condition not met in time")
 
 
+def settle_initial_syncs() -> None:
+    """Connecting enqueues each mailbox's first sync; let them finish (on Dovecot) before
+    aging tokens, so no sync refreshes or touches a token while a CLI test looks at it."""
+
+    def settled() -> bool:
+        db.session.expire_all()
+        accounts = set(db.session.scalars(sa.select(MailAccount.id)))
+        runs = db.session.execute(sa.select(SyncRun.account_id, SyncRun.outcome)).all()
+        finished = {account for account, outcome in runs if outcome != "running"}
+        return finished == accounts and all(outcome != "running" for _, outcome in runs)
+
+    wait_for(settled, timeout=60)
+
+
 @pytest.fixture
-def mailboxes(client, auth_headers, oauth_provider) -> dict[str, int]:
+def connect_many(client, auth_headers, oauth_provider, celery_worker, mail):
+    def connect_all(plan: dict[str, tuple[str, str, dict[str, str]]]) -> dict[str, int]:
+        ids = {}
+        for name, (provider, email, owner) in plan.items():
+            response = connect(client, owner, provider, oauth_provider, email)
+            assert response.status_code == 201, response.json
+            ids[name] = response.json["id"]
+        settle_initial_syncs()
+        return ids
+
+    return connect_all
+
+
+@pytest.fixture
+def mailboxes(connect_many, auth_headers) -> dict[str, int]:
     """Five tokens connected through the real OAuth flow, then aged with SQL:
     soon (google, 1 h left), later (google, 20 days), expired (microsoft, 3 h ago),
     dead (yahoo, needs_reauth), far (google, another organization, 40 days)."""
@@ -93,11 +121,7 @@ def mailboxes(client, auth_headers, oauth_provider) -> dict[str, int]:
         "dead": ("yahoo", "dead@yahoo.example", headers),
         "far": ("google", "far@example.org", auth_headers(2, 5)),
     }
-    ids = {}
-    for name, (provider, email, owner) in plan.items():
-        response = connect(client, owner, provider, oauth_provider, email)
-        assert response.status_code == 201, response.json
-        ids[name] = response.json["id"]
+    ids = connect_many(plan)
     now = utcnow()
     set_token(ids["later"], expires_at=now + timedelta(days=20))
     set_token(ids["expired"], expires_at=now - timedelta(hours=3))
@@ -277,31 +301,13 @@ def test_a_provider_config_error_counts_as_failed(base_env, mailboxes, oauth_pro
     assert token_row(mailboxes["soon"]).status == "active"
 
 
-@pytest.mark.usefixtures("celery_worker")
-def test_enqueue_sends_forced_refresh_tasks_to_the_workers(base_env, mailboxes, oauth_provider):
-    result = run_cli(base_env, "--refresh-all", "--enqueue", "--json")
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout)
-    assert report["enqueued"] == 2 and report["failed"] == 0
-    assert {r["id"] for r in report["results"]} == {mailboxes["soon"], mailboxes["expired"]}
-    wait_for(lambda: attempted_ids() == {mailboxes["soon"], mailboxes["expired"]})
-    assert {(a.outcome, a.trigger) for a in attempts()} == {("success", "task")}
-
-    # forced: a token far from expiry is refreshed too
-    one = run_cli(base_env, "--token-id", str(mailboxes["far"]), "--enqueue")
-    assert one.returncode == 0 and one.stdout.strip() == "enqueued 1, failed 0"
-    wait_for(lambda: mailboxes["far"] in attempted_ids())
-
-
-def test_progress_bar_keeps_stdout_clean_for_json(base_env, client, auth_headers, oauth_provider):
-    ids = [
-        connect(client, auth_headers(), "google", oauth_provider, f"bulk{i}@example.com").json["id"]
-        for i in range(7)
-    ]
+def test_progress_bar_keeps_stdout_clean_for_json(base_env, connect_many, auth_headers):
+    owner = auth_headers()
+    ids = connect_many({f"bulk{i}": ("google", f"bulk{i}@example.com", owner) for i in range(7)})
     result = run_cli(base_env, "--refresh-all", "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["refreshed"] == 7 and {r["id"] for r in report["results"]} == set(ids)
+    assert report["refreshed"] == 7 and {r["id"] for r in report["results"]} == set(ids.values())
     assert "Refreshing" in result.stderr
 
 
@@ -355,3 +361,18 @@ def test_bad_usage_exits_2(base_env, args):
     result = run_cli(base_env, *args)
     assert result.returncode == 2
     assert "usage:" in result.stderr and result.stdout == ""
+
+
+def test_enqueue_sends_forced_refresh_tasks_to_the_workers(base_env, mailboxes, oauth_provider):
+    result = run_cli(base_env, "--refresh-all", "--enqueue", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["enqueued"] == 2 and report["failed"] == 0
+    assert {r["id"] for r in report["results"]} == {mailboxes["soon"], mailboxes["expired"]}
+    wait_for(lambda: attempted_ids() == {mailboxes["soon"], mailboxes["expired"]})
+    assert {(a.outcome, a.trigger) for a in attempts()} == {("success", "task")}
+
+    # forced: a token far from expiry is refreshed too
+    one = run_cli(base_env, "--token-id", str(mailboxes["far"]), "--enqueue")
+    assert one.returncode == 0 and one.stdout.strip() == "enqueued 1, failed 0"
+    wait_for(lambda: mailboxes["far"] in attempted_ids())
