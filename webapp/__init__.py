@@ -69,6 +69,9 @@ def register_blueprints(app: Flask) -> None:
 
     app.register_blueprint(probes)
     register_api_blueprints(app)
+    from webapp.console import init_console
+
+    init_console(app)
 
 
 def register_errorhandlers(app: Flask) -> None:

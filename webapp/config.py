@@ -53,14 +53,14 @@ class _Reader:
         self.env = env
         self.errors: list[str] = []
 
-    def str(self, name: str, default: str | None = None) -> str | None:
+    def get(self, name: str, default: str | None = None) -> str | None:
         value = self.env.get(name)
         if value is None or value.strip() == "":
             return default
         return value.strip()
 
-    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
-        raw = self.str(name)
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        raw = self.get(name)
         if raw is None:
             return default
         try:
@@ -73,8 +73,8 @@ class _Reader:
             self.errors.append(f"{name}: must be {bound}, got {value}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
-        raw = self.str(name)
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.get(name)
         if raw is None:
             return default
         lowered = raw.lower()
@@ -86,7 +86,7 @@ class _Reader:
         return default
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        raw = self.str(name, default) or default
+        raw = self.get(name, default) or default
         if raw not in choices:
             self.errors.append(f"{name}: must be one of {', '.join(choices)}, got {raw!r}")
             return default
@@ -197,31 +197,31 @@ class Settings:
         r = _Reader(env)
         mode = r.choice("MAILKEY_ENV", "development", ("development", "production", "test"))
         production = mode == "production"
-        instance = Path(r.str("MAILKEY_INSTANCE_PATH", str(PROJECT_ROOT / "instance")) or "")
+        instance = Path(r.get("MAILKEY_INSTANCE_PATH", str(PROJECT_ROOT / "instance")) or "")
 
         if not production:
-            missing = [name for name in DEV_SECRET_VARS if not r.str(name)]
+            missing = [name for name in DEV_SECRET_VARS if not r.get(name)]
             if missing:
                 from_file = ensure_dev_secrets(instance)
-                operator_oauth_key = r.str("ENCRYPTION_KEY_OAUTH_AES_GCM")
+                operator_oauth_key = r.get("ENCRYPTION_KEY_OAUTH_AES_GCM")
                 for name in missing:
                     env[name] = from_file.get(name, "")
                 if operator_oauth_key and "ENCRYPTION_KEY_OAUTH_REFRESH_AES_GCM" in missing:
                     # As in production, the refresh key falls back to an operator's OAuth key.
                     env.pop("ENCRYPTION_KEY_OAUTH_REFRESH_AES_GCM")
 
-        database_url = r.str("DATABASE_URL")
-        redis_url = r.str("REDIS_URL")
-        embedded_port = r.int("EMBEDDED_REDIS_PORT", 6390, 1, 65535)
+        database_url = r.get("DATABASE_URL")
+        redis_url = r.get("REDIS_URL")
+        embedded_port = r.integer("EMBEDDED_REDIS_PORT", 6390, 1, 65535)
         if production:
             required = ["DATABASE_URL", "REDIS_URL", "API_JWT_SECRET"]
             required += ["ENCRYPTION_KEY_OAUTH_AES_GCM", "ENCRYPTION_KEY_PII"]
             for name in required:
-                if not r.str(name):
+                if not r.get(name):
                     r.errors.append(f"{name}: required when MAILKEY_ENV=production")
             if database_url and database_url.startswith("sqlite"):
                 r.errors.append("DATABASE_URL: SQLite is for development; use PostgreSQL")
-            if not any(r.str(f"{d['env_prefix']}_CLIENT_ID") for d in DEFAULTS.values()):
+            if not any(r.get(f"{d['env_prefix']}_CLIENT_ID") for d in DEFAULTS.values()):
                 names = " or ".join(f"{d['env_prefix']}_CLIENT_ID" for d in DEFAULTS.values())
                 r.errors.append(f"{names}: at least one provider must be configured")
         if database_url is None:
@@ -237,22 +237,22 @@ class Settings:
                 f"REDIS_URL: expected redis://, rediss:// or unix://, got {redis_url!r}"
             )
 
-        jwt_secret = r.str("API_JWT_SECRET", "") or ""
+        jwt_secret = r.get("API_JWT_SECRET", "") or ""
         if jwt_secret and len(jwt_secret.encode()) < 32:
             r.errors.append("API_JWT_SECRET: must be at least 32 bytes")
 
-        redirect = r.url("OAUTH_REDIRECT_URI", r.str("OAUTH_REDIRECT_URI"), https_only=production)
+        redirect = r.url("OAUTH_REDIRECT_URI", r.get("OAUTH_REDIRECT_URI"), https_only=production)
         success = r.url(
-            "OAUTH_SUCCESS_REDIRECT", r.str("OAUTH_SUCCESS_REDIRECT"), https_only=production
+            "OAUTH_SUCCESS_REDIRECT", r.get("OAUTH_SUCCESS_REDIRECT"), https_only=production
         )
         if production and not redirect:
             r.errors.append("OAUTH_REDIRECT_URI: required when MAILKEY_ENV=production")
 
-        mail_ca = r.str("MAIL_CA_FILE")
+        mail_ca = r.get("MAIL_CA_FILE")
         if mail_ca and not Path(mail_ca).is_file():
             r.errors.append(f"MAIL_CA_FILE: no such file {mail_ca!r}")
         ports: list[int] = []
-        for part in (r.str("MAIL_ALLOWED_PORTS", "993,143,465,587,25") or "").split(","):
+        for part in (r.get("MAIL_ALLOWED_PORTS", "993,143,465,587,25") or "").split(","):
             try:
                 ports.append(int(part))
             except ValueError:
@@ -269,25 +269,25 @@ class Settings:
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
             ),
             LOG_FORMAT=r.choice("LOG_FORMAT", "json" if production else "text", ("text", "json")),
-            MAX_CONTENT_LENGTH=r.int("MAX_CONTENT_LENGTH", 1_048_576, 1024),
-            TRUSTED_PROXY_COUNT=r.int("TRUSTED_PROXY_COUNT", 1 if production else 0, 0, 10),
-            METRICS_TOKEN=r.str("METRICS_TOKEN"),
-            PROMETHEUS_MULTIPROC_DIR=r.str("PROMETHEUS_MULTIPROC_DIR"),
-            CONSOLE_ENABLED=r.bool("CONSOLE_ENABLED", True),
+            MAX_CONTENT_LENGTH=r.integer("MAX_CONTENT_LENGTH", 1_048_576, 1024),
+            TRUSTED_PROXY_COUNT=r.integer("TRUSTED_PROXY_COUNT", 1 if production else 0, 0, 10),
+            METRICS_TOKEN=r.get("METRICS_TOKEN"),
+            PROMETHEUS_MULTIPROC_DIR=r.get("PROMETHEUS_MULTIPROC_DIR"),
+            CONSOLE_ENABLED=r.flag("CONSOLE_ENABLED", True),
             OAUTH_REDIRECT_URI=redirect,
             OAUTH_SUCCESS_REDIRECT=success,
-            PROVIDER_TIMEOUT_SECONDS=r.int("PROVIDER_TIMEOUT_SECONDS", 10, 1, 120),
-            REFRESH_SCAN_SECONDS=r.int("REFRESH_SCAN_SECONDS", 60, 5),
-            REFRESH_AHEAD_SECONDS=r.int("REFRESH_AHEAD_SECONDS", 600, 0),
-            KEEPALIVE_DAYS=r.int("KEEPALIVE_DAYS", 30, 1),
-            REFRESH_FANOUT_RATE=r.int("REFRESH_FANOUT_RATE", 200, 1),
+            PROVIDER_TIMEOUT_SECONDS=r.integer("PROVIDER_TIMEOUT_SECONDS", 10, 1, 120),
+            REFRESH_SCAN_SECONDS=r.integer("REFRESH_SCAN_SECONDS", 60, 5),
+            REFRESH_AHEAD_SECONDS=r.integer("REFRESH_AHEAD_SECONDS", 600, 0),
+            KEEPALIVE_DAYS=r.integer("KEEPALIVE_DAYS", 30, 1),
+            REFRESH_FANOUT_RATE=r.integer("REFRESH_FANOUT_RATE", 200, 1),
             MAIL_CA_FILE=mail_ca,
-            MAIL_ALLOW_PRIVATE_HOSTS=r.bool("MAIL_ALLOW_PRIVATE_HOSTS", not production),
+            MAIL_ALLOW_PRIVATE_HOSTS=r.flag("MAIL_ALLOW_PRIVATE_HOSTS", not production),
             MAIL_ALLOWED_PORTS=tuple(ports),
-            MAIL_TIMEOUT_SECONDS=r.int("MAIL_TIMEOUT_SECONDS", 30, 1, 600),
-            SYNC_INTERVAL_SECONDS=r.int("SYNC_INTERVAL_SECONDS", 300, 10),
-            SYNC_ERROR_RETRY_SECONDS=r.int("SYNC_ERROR_RETRY_SECONDS", 900, 10),
-            SYNC_BATCH_SIZE=r.int("SYNC_BATCH_SIZE", 500, 1, 5000),
+            MAIL_TIMEOUT_SECONDS=r.integer("MAIL_TIMEOUT_SECONDS", 30, 1, 600),
+            SYNC_INTERVAL_SECONDS=r.integer("SYNC_INTERVAL_SECONDS", 300, 10),
+            SYNC_ERROR_RETRY_SECONDS=r.integer("SYNC_ERROR_RETRY_SECONDS", 900, 10),
+            SYNC_BATCH_SIZE=r.integer("SYNC_BATCH_SIZE", 500, 1, 5000),
             ENCRYPTION=_encryption_values(r),
             PROVIDERS=_load_providers(r, production),
         )
@@ -298,11 +298,11 @@ class Settings:
 
 def _encryption_values(r: _Reader) -> dict[str, str | None]:
     names = [*ENCRYPTION_VARS, *(f"{name}_PREVIOUS" for name in ENCRYPTION_VARS)]
-    return {name: r.str(name) for name in names}
+    return {name: r.get(name) for name in names}
 
 
 def _load_providers(r: _Reader, production: bool) -> dict[str, Provider]:
-    tenant = r.str("MICROSOFT_TENANT_ID", "common") or "common"
+    tenant = r.get("MICROSOFT_TENANT_ID", "common") or "common"
     providers: dict[str, Provider] = {}
     for name, defaults in DEFAULTS.items():
         values: dict[str, Any] = {"name": name, **defaults}
@@ -319,7 +319,7 @@ def _load_providers(r: _Reader, production: bool) -> dict[str, Provider]:
             elif kind == "scopes":
                 values[attr] = tuple(raw.split()) if raw else values[attr]
             elif kind == "port":
-                values[attr] = r.int(var, values[attr], 1, 65535)
+                values[attr] = r.integer(var, values[attr], 1, 65535)
             elif kind == "security":
                 values[attr] = r.choice(var, values[attr], ("ssl", "starttls"))
             elif kind == "auth_method":

@@ -195,8 +195,9 @@ def http_exception_response(error: HTTPException) -> Response:
     data = getattr(error, "data", None) or {}
     code = HTTP_CODES.get(status, "error")
     headers: dict[str, str] = dict(data.get("headers") or {})
-    if status == 405 and getattr(error, "valid_methods", None):
-        headers["Allow"] = ", ".join(error.valid_methods or [])
+    allowed = getattr(error, "valid_methods", None)
+    if status == 405 and allowed:
+        headers["Allow"] = ", ".join(allowed)
     if status == 401:
         headers.setdefault("WWW-Authenticate", 'Bearer realm="mailkey"')
     messages = data.get("errors") or data.get("messages")

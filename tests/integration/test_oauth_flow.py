@@ -18,7 +18,7 @@ def _count(model) -> int:
     return db.session.scalar(sa.select(sa.func.count()).select_from(model))
 
 
-def test_google_login_callback_list(client, auth_headers, oauth_provider):
+def test_google_login_callback_list(app, client, auth_headers, oauth_provider):
     headers = auth_headers(7, 3)
     login = start_login(client, headers, "google")
     url = urlsplit(login["authorization_url"])
@@ -52,7 +52,7 @@ def test_google_login_callback_list(client, auth_headers, oauth_provider):
     assert issued[1]["grant_type"] == "authorization_code"
     account = db.session.get(MailAccount, token["account_id"])
     assert account.incoming_auth_method == "xoauth2"
-    assert account.incoming_server == "imap.gmail.com"
+    assert account.incoming_server == app.config["PROVIDERS"]["google"].imap_host
 
 
 def test_login_redirects_browsers_and_answers_json_to_fetch(client, auth_headers):

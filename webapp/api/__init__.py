@@ -16,7 +16,7 @@ from webapp.errors import http_exception_response
 class ErrorBodySchema(ma.Schema):
     code = ma.fields.String(required=True)
     message = ma.fields.String(required=True)
-    fields = ma.fields.Dict()
+    field_errors = ma.fields.Dict(data_key="fields")
     reason = ma.fields.String()
     request_id = ma.fields.String()
 

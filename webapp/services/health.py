@@ -62,21 +62,19 @@ def oauth_token_health(organization_id: int, within_hours: int = 24) -> dict[str
     now = utcnow()
     soon = now + timedelta(hours=within_hours)
     token = UserEmailToken
-    stored_active = token.status == "active"
-    not_expired = token.expires_at.is_(None) | (token.expires_at > now)
+    # One pass, three cheap aggregates per (status, provider): the counts per stored
+    # status, and for stored-active rows how many are past expiry or expire in the
+    # window (NULL `expires_at` is in neither, so it stays active).
     token_rows = db.session.execute(
         select(
+            token.status,
             token.provider,
-            func.count().filter(stored_active & not_expired),
-            func.count().filter(stored_active & (token.expires_at <= now)),
-            func.count().filter(token.status == "needs_reauth"),
-            func.count().filter(token.status == "revoked"),
-            func.count().filter(
-                stored_active & (token.expires_at > now) & (token.expires_at <= soon)
-            ),
+            func.count(),
+            func.count().filter(token.expires_at <= now),
+            func.count().filter((token.expires_at > now) & (token.expires_at <= soon)),
         )
         .where(token.organization_id == organization_id)
-        .group_by(token.provider)
+        .group_by(token.status, token.provider)
     ).all()
 
     attempt = TokenRefreshAttempt
@@ -97,9 +95,14 @@ def oauth_token_health(organization_id: int, within_hours: int = 24) -> dict[str
     # (a provider since removed from the registry) is listed too, so the per-provider
     # figures always add up to the totals.
     by_provider = {name: _empty_provider_counts() for name in PROVIDER_NAMES}
-    for provider, *counts in token_rows:
+    for status, provider, count, past_expiry, in_window in token_rows:
         entry = by_provider.setdefault(provider, _empty_provider_counts())
-        entry.update(zip(TOKEN_COUNT_KEYS, counts, strict=True))
+        if status == "active":
+            entry["active"] += count - past_expiry
+            entry["expired"] += past_expiry
+            entry["expiring_soon"] += in_window
+        elif status in ("needs_reauth", "revoked"):
+            entry[status] += count
     for provider, attempts, failures in attempt_rows:
         entry = by_provider.setdefault(provider, _empty_provider_counts())
         entry["refresh_attempts_24h"] = attempts

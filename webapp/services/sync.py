@@ -215,10 +215,8 @@ def _sync_folder(
     modseq = _modseq(info) if condstore else None
 
     if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
-        removed = db.session.execute(
-            delete(MailMessage).where(MailMessage.folder_id == folder.id)
-        ).rowcount
-        counts.deleted += removed or 0
+        counts.deleted += folder.message_count
+        db.session.execute(delete(MailMessage).where(MailMessage.folder_id == folder.id))
         folder.highest_uid = 0
         folder.highestmodseq = None
         folder.message_count = 0
@@ -241,9 +239,7 @@ def _sync_folder(
         if known_before:
             counts.updated += _update_flags(client, folder, known_before, condstore)
             counts.deleted += _remove_expunged(client, folder, known_before, exists)
-        folder.message_count = db.session.scalar(
-            select(func.count()).select_from(MailMessage).where(MailMessage.folder_id == folder.id)
-        )
+        folder.message_count = _stored_count(folder)
     folder.highestmodseq = modseq
     folder.last_synced_at = utcnow()
     db.session.commit()
@@ -347,10 +343,7 @@ def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore:
 
 
 def _remove_expunged(client: IMAPClient, folder: MailFolder, known: int, exists: int) -> int:
-    stored = db.session.scalar(
-        select(func.count()).select_from(MailMessage).where(MailMessage.folder_id == folder.id)
-    )
-    if stored <= exists:
+    if _stored_count(folder) <= exists:
         return 0
     on_server = set(client.search(["UID", f"1:{known}"])) if exists else set()
     ours = set(
@@ -368,6 +361,11 @@ def _remove_expunged(client: IMAPClient, folder: MailFolder, known: int, exists:
             )
         )
     return len(gone)
+
+
+def _stored_count(folder: MailFolder) -> int:
+    query = select(func.count()).select_from(MailMessage).where(MailMessage.folder_id == folder.id)
+    return db.session.scalar(query) or 0
 
 
 # --- decoding -----------------------------------------------------------------------------

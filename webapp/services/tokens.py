@@ -107,15 +107,6 @@ def get_owned_token(owner: tuple[int, int], token_id: int) -> UserEmailToken:
     return token
 
 
-def account_ids_for(token_ids: list[int]) -> dict[int, int]:
-    if not token_ids:
-        return {}
-    rows = db.session.execute(
-        select(MailAccount.token_id, MailAccount.id).where(MailAccount.token_id.in_(token_ids))
-    )
-    return {token_id: account_id for token_id, account_id in rows}
-
-
 # --- state changes ------------------------------------------------------------------------
 
 

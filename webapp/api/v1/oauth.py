@@ -81,7 +81,7 @@ def login(provider: str, response: str | None = None, login_hint: str | None = N
 @document_errors(blueprint, 400, 401, 404, 409, 502)
 def callback(args: dict[str, str], provider: str) -> Any:
     """Finish connecting: the integrator's page forwards `code` and `state` (or `error`)."""
-    success_redirect = current_app.config.get("OAUTH_SUCCESS_REDIRECT")
+    success_redirect: str = current_app.config.get("OAUTH_SUCCESS_REDIRECT") or ""
     redirecting = bool(success_redirect) and not accepts_json()
     try:
         result = oauth_service.complete_callback(current_principal(), provider, args)
