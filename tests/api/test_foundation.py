@@ -6,6 +6,7 @@ import time
 
 import jwt
 import pytest
+from openapi_spec_validator import validate
 
 from tests.conftest import JWT_SECRET
 
@@ -111,6 +112,7 @@ def test_openapi_document_has_bearer_scheme_and_error_envelope(client):
     response = client.get("/api/v1/openapi.json")
     assert response.status_code == 200
     spec = response.json
+    validate(spec)  # raises on any OpenAPI 3 schema violation
     assert spec["openapi"].startswith("3.")
     assert spec["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert "/api/v1/me" in spec["paths"]

@@ -9,6 +9,7 @@ import marshmallow as ma
 from flask import Flask, Response
 from flask_smorest import Api
 from werkzeug.exceptions import HTTPException
+from werkzeug.routing import BaseConverter, ValidationError
 
 from webapp.errors import http_exception_response
 
@@ -23,6 +24,22 @@ class ErrorBodySchema(ma.Schema):
 
 class ErrorSchema(ma.Schema):
     error = ma.fields.Nested(ErrorBodySchema, required=True)
+
+
+class IdConverter(BaseConverter):
+    """Path ids: positive integers that fit the id columns; anything else is a 404."""
+
+    regex = r"[0-9]{1,10}"
+    MAX = 2**31 - 1
+
+    def to_python(self, value: str) -> int:
+        number = int(value)
+        if not 1 <= number <= self.MAX:
+            raise ValidationError()
+        return number
+
+    def to_url(self, value: Any) -> str:
+        return str(value)
 
 
 class MailkeyApi(Api):
@@ -56,6 +73,11 @@ def document_errors(blueprint: Any, *codes: int) -> Any:
 
 def register_api_blueprints(app: Flask) -> None:
     from webapp.api.v1 import BLUEPRINTS
+
+    app.url_map.converters["id"] = IdConverter
+    api.register_converter(
+        IdConverter, lambda _c: {"type": "integer", "minimum": 1, "maximum": IdConverter.MAX}
+    )
 
     api.spec.components.security_scheme(
         "bearerAuth", {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}

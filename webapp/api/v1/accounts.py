@@ -173,7 +173,7 @@ def create_account(data: dict[str, Any]) -> Any:
     return account_service.create_password_account(_owner(), data)
 
 
-@blueprint.route("/<int:account_id>", methods=["GET"])
+@blueprint.route("/<id:account_id>", methods=["GET"])
 @require_auth
 @blueprint.response(200, AccountSchema)
 @document_errors(blueprint, 401, 404)
@@ -181,7 +181,7 @@ def get_account(account_id: int) -> Any:
     return account_service.get_owned_account(_owner(), account_id)
 
 
-@blueprint.route("/<int:account_id>", methods=["PATCH"])
+@blueprint.route("/<id:account_id>", methods=["PATCH"])
 @require_auth
 @blueprint.arguments(AccountUpdateSchema)
 @blueprint.response(200, AccountSchema)
@@ -192,7 +192,7 @@ def update_account(changes: dict[str, Any], account_id: int) -> Any:
     return account_service.update_account(_owner(), account_id, changes)
 
 
-@blueprint.route("/<int:account_id>", methods=["DELETE"])
+@blueprint.route("/<id:account_id>", methods=["DELETE"])
 @require_auth
 @blueprint.response(204)
 @document_errors(blueprint, 401, 404)
@@ -200,7 +200,7 @@ def delete_account(account_id: int) -> None:
     account_service.delete_account(_owner(), account_id)
 
 
-@blueprint.route("/<int:account_id>/folders", methods=["GET"])
+@blueprint.route("/<id:account_id>/folders", methods=["GET"])
 @require_auth
 @blueprint.response(200, FolderListSchema)
 @document_errors(blueprint, 401, 404)
@@ -208,7 +208,7 @@ def folders(account_id: int) -> Any:
     return {"items": account_service.list_folders(_owner(), account_id), "next_cursor": None}
 
 
-@blueprint.route("/<int:account_id>/messages", methods=["GET"])
+@blueprint.route("/<id:account_id>/messages", methods=["GET"])
 @require_auth
 @blueprint.arguments(MessageArgsSchema, location="query", as_kwargs=True)
 @blueprint.response(200, collection_schema(MessageSchema, "MessagePage"))
@@ -217,7 +217,7 @@ def messages(account_id: int, **query: Any) -> Any:
     return account_service.list_messages(_owner(), account_id, **query)
 
 
-@blueprint.route("/<int:account_id>/sync", methods=["POST"])
+@blueprint.route("/<id:account_id>/sync", methods=["POST"])
 @require_auth
 @blueprint.response(202, SyncQueuedSchema)
 @document_errors(blueprint, 401, 404)
@@ -226,7 +226,7 @@ def sync_now(account_id: int) -> Any:
     return {"sync_run_id": account_service.request_sync(_owner(), account_id)}
 
 
-@blueprint.route("/<int:account_id>/sync-runs", methods=["GET"])
+@blueprint.route("/<id:account_id>/sync-runs", methods=["GET"])
 @require_auth
 @blueprint.arguments(PageArgsSchema, location="query", as_kwargs=True)
 @blueprint.response(200, collection_schema(SyncRunSchema, "SyncRunPage"))
@@ -236,7 +236,7 @@ def sync_runs(account_id: int, limit: int, cursor: str | None) -> Any:
     return account_service.list_sync_runs(_owner(), account_id, limit, cursor)
 
 
-@blueprint.route("/<int:account_id>/send", methods=["POST"])
+@blueprint.route("/<id:account_id>/send", methods=["POST"])
 @require_auth
 @blueprint.arguments(SendRequestSchema)
 @blueprint.response(202, SendQueuedSchema)
@@ -250,7 +250,7 @@ def send(request_body: dict[str, Any], account_id: int) -> Any:
     return {"send_id": queued.id, "status": queued.status}
 
 
-@blueprint.route("/<int:account_id>/sends/<int:send_id>", methods=["GET"])
+@blueprint.route("/<id:account_id>/sends/<id:send_id>", methods=["GET"])
 @require_auth
 @blueprint.response(200, SendSchema)
 @document_errors(blueprint, 401, 404)

@@ -113,7 +113,7 @@ def list_tokens(**filters: Any) -> dict[str, Any]:
     return token_service.list_tokens(current_principal().owner, **filters)
 
 
-@blueprint.route("/tokens/<int:token_id>", methods=["GET"])
+@blueprint.route("/tokens/<id:token_id>", methods=["GET"])
 @require_auth
 @blueprint.response(200, TokenSchema)
 @document_errors(blueprint, 401, 404)
@@ -121,7 +121,7 @@ def get_token(token_id: int) -> Any:
     return token_service.get_owned_token(current_principal().owner, token_id)
 
 
-@blueprint.route("/tokens/<int:token_id>/refresh", methods=["POST"])
+@blueprint.route("/tokens/<id:token_id>/refresh", methods=["POST"])
 @require_auth
 @blueprint.arguments(RefreshArgsSchema, location="query", as_kwargs=True)
 @blueprint.response(200, TokenSchema)
@@ -137,7 +137,7 @@ def refresh(token_id: int, run_async: bool = False) -> Any:
     return token_service.refresh_token(token.id, trigger="api").token
 
 
-@blueprint.route("/tokens/<int:token_id>/revoke", methods=["POST"])
+@blueprint.route("/tokens/<id:token_id>/revoke", methods=["POST"])
 @require_auth
 @blueprint.alt_response(200, schema=RevokedTokenSchema, success=True)
 @document_errors(blueprint, 401, 404)
