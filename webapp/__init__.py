@@ -19,7 +19,13 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 def create_app(config: Mapping[str, Any] | None = None, settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
-    app = Flask(__name__, instance_path=settings.INSTANCE_PATH, instance_relative_config=True)
+    # No app-wide /static route: the docs and the console serve their own assets.
+    app = Flask(
+        __name__,
+        instance_path=settings.INSTANCE_PATH,
+        instance_relative_config=True,
+        static_folder=None,
+    )
     app.config.from_mapping(settings.as_flask_config())
     if config:
         app.config.update(config)

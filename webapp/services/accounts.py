@@ -157,8 +157,9 @@ def list_messages(
     if since:
         query = query.where(MailMessage.sent_at >= since)
     if cursor:
-        query = query.where(MailMessage.id > decode_cursor(cursor))
-    rows = db.session.execute(query.order_by(MailMessage.id).limit(limit + 1)).all()
+        query = query.where(MailMessage.id < decode_cursor(cursor))
+    # Newest stored first, as a mailbox viewer expects.
+    rows = db.session.execute(query.order_by(MailMessage.id.desc()).limit(limit + 1)).all()
     next_cursor = encode_cursor(rows[limit - 1][0].id) if len(rows) > limit else None
     return {
         "items": [_message_view(m, name) for m, name in rows[:limit]],

@@ -1,8 +1,8 @@
 """Organization health: token, refresh and sync figures, computed by aggregate SQL only.
 
 Every figure comes from GROUP BY queries with conditional counts (`count(*) FILTER
-(WHERE ...)`), never from rows loaded into Python, so the cost stays flat in the
-number of tokens an organization holds. Counts follow DESIGN.md "Contract details":
+(WHERE ...)`), never from rows loaded into Python: whatever the organization's size,
+a handful of rows comes back. Counts follow DESIGN.md "Contract details":
 
 - `active` = stored active and not past `expires_at` (no `expires_at` counts as active);
   `expired` = stored active and past it; `total` = active + expired + needs_reauth +
@@ -12,20 +12,36 @@ number of tokens an organization holds. Counts follow DESIGN.md "Contract detail
 
 PostgreSQL is the production database; SQLite (development) gets equivalent
 expressions where the SQL differs (durations, hour buckets, p95).
+
+Exact counts have to visit every row: for an organization with a million tokens that
+is several hundred milliseconds however the query is written. So a computation that
+took longer than SNAPSHOT_WHEN_SLOWER_THAN is kept in Redis for SNAPSHOT_SECONDS and
+served from there (`generated_at` says when it was computed); a cheap one is never
+cached, so small organizations always see live figures.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import redis
 from sqlalchemy import extract, func, literal_column, select
 
-from webapp.extensions import db
+from webapp.extensions import db, redis_store
 from webapp.models import MailAccount, SyncRun, TokenRefreshAttempt, UserEmailToken, utcnow
 from webapp.providers import PROVIDER_NAMES
 
+log = logging.getLogger("mailkey.health")
+
+SNAPSHOT_SECONDS = 30
+SNAPSHOT_WHEN_SLOWER_THAN = 0.1  # seconds: the API's latency target
+SNAPSHOT_PREFIX = "mailkey:health:"
 REFRESH_WINDOW = timedelta(hours=24)
 SYNC_WINDOW = timedelta(hours=24)
 TOKEN_COUNT_KEYS = ("active", "expired", "needs_reauth", "revoked", "expiring_soon")
@@ -38,6 +54,43 @@ def _dialect() -> str:
 
 def _rate(successes: int, attempts: int) -> float | None:
     return successes / attempts if attempts else None
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return {"$dt": value.isoformat()}
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+def _decode(value: dict[str, Any]) -> Any:
+    return datetime.fromisoformat(value["$dt"]) if set(value) == {"$dt"} else value
+
+
+def _snapshot(key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """`compute()`, or its recent result when computing it was slow (see the module doc).
+
+    Redis trouble only costs the cache: the figures are then computed every time.
+    """
+    key = SNAPSHOT_PREFIX + key
+    try:
+        cached = redis_store.client.get(key)
+    except redis.RedisError:
+        cached = None
+    if cached is not None:
+        return json.loads(cached, object_hook=_decode)
+    started = time.perf_counter()
+    result = compute()
+    elapsed = time.perf_counter() - started
+    if elapsed >= SNAPSHOT_WHEN_SLOWER_THAN:
+        try:
+            redis_store.client.set(key, json.dumps(result, default=_encode), ex=SNAPSHOT_SECONDS)
+        except redis.RedisError:
+            log.warning("health_snapshot_not_stored", extra={"event": "health_snapshot_not_stored"})
+        log.info(
+            "health_snapshot",
+            extra={"event": "health_snapshot", "key": key, "ms": round(elapsed * 1000, 1)},
+        )
+    return result
 
 
 # --- OAuth tokens -------------------------------------------------------------------------
@@ -54,11 +107,16 @@ def _empty_provider_counts() -> dict[str, Any]:
 
 
 def oauth_token_health(organization_id: int, within_hours: int = 24) -> dict[str, Any]:
-    """Token counts by derived status and refresh figures of the last 24 h, per provider.
+    """Token counts by derived status and refresh figures of the last 24 h, per provider."""
+    return _snapshot(
+        f"oauth-tokens:{organization_id}:{within_hours}",
+        lambda: compute_oauth_token_health(organization_id, within_hours),
+    )
 
-    Two queries: one over the organization's tokens, one over its refresh attempts
-    started in the last 24 h (index ix_token_refresh_attempts_org_started).
-    """
+
+def compute_oauth_token_health(organization_id: int, within_hours: int = 24) -> dict[str, Any]:
+    """Two queries: one over the organization's tokens, one over its refresh attempts
+    started in the last 24 h (index ix_token_refresh_attempts_org_started)."""
     now = utcnow()
     soon = now + timedelta(hours=within_hours)
     token = UserEmailToken
@@ -146,7 +204,14 @@ def _seconds(value: Any) -> float | None:
 
 
 def email_sync_health(organization_id: int) -> dict[str, Any]:
-    """Account statuses, and runs started in the last 24 h: outcomes, durations, messages.
+    """Account statuses, and runs started in the last 24 h: outcomes, durations, messages."""
+    return _snapshot(
+        f"email-sync:{organization_id}", lambda: compute_email_sync_health(organization_id)
+    )
+
+
+def compute_email_sync_health(organization_id: int) -> dict[str, Any]:
+    """Two queries (three on SQLite).
 
     The success rate is succeeded / (succeeded + failed): runs still running are left
     out. Durations cover finished runs (succeeded or failed). p95 is PostgreSQL's
@@ -229,6 +294,12 @@ def _as_hour(value: Any) -> datetime:
 def timeline(organization_id: int, hours: int = 24) -> dict[str, Any]:
     """Hourly refresh and sync outcomes, oldest first: `hours` buckets, the last one the
     current hour, empty hours included with empty maps."""
+    return _snapshot(
+        f"timeline:{organization_id}:{hours}", lambda: compute_timeline(organization_id, hours)
+    )
+
+
+def compute_timeline(organization_id: int, hours: int = 24) -> dict[str, Any]:
     current = utcnow().replace(minute=0, second=0, microsecond=0)
     first = current - timedelta(hours=hours - 1)
     starts = [first + timedelta(hours=i) for i in range(hours)]

@@ -49,6 +49,11 @@ async function complete() {
     fail("nothing", "This page is where a provider sends you back after you connect a mailbox; start from Mailboxes.");
     return;
   }
+  if (forward.error && !forward.state) {
+    const said = `The provider answered: ${forward.error_description || forward.error}`;
+    fail(forward.error === "access_denied" ? "consent_denied" : "provider_error", said);
+    return;
+  }
   if (!provider) {
     fail("unknown_provider", "The provider of this connection is unknown in this tab (it is remembered only in the tab that started it). Start again from Mailboxes.");
     return;

@@ -62,22 +62,22 @@ function showTimeline(buckets) {
   const sum = (counts) => Object.values(counts || {}).reduce((a, b) => a + b, 0);
   const peak = Math.max(1, ...buckets.flatMap((b) => [sum(b.refresh), sum(b.sync)]));
   const slot = plotW / Math.max(1, buckets.length);
-  const barW = Math.max(2, slot / 2 - 2);
+  const barW = Math.max(2, (slot - 6) / 2); // two bars, 1 px apart, 5 px between hours
   const y = (value) => pad.top + plotH - (value / peak) * plotH;
   const hour = new Intl.DateTimeFormat(undefined, { hour: "2-digit", minute: "2-digit" });
 
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-labelledby": "chart-title", class: "timeline" },
     svg("title", { id: "chart-title" }, "Refresh and sync outcomes per hour, last 24 hours"));
-  for (const value of [0, peak / 2, peak]) {
+  for (const value of new Set([0, Math.ceil(peak / 2), peak])) {
     const at = y(value);
     root.append(svg("line", { x1: pad.left, x2: width - pad.right, y1: at, y2: at, class: "gridline" }),
-      svg("text", { x: pad.left - 6, y: at + 4, class: "axis", "text-anchor": "end" }, Number.isInteger(value) ? value : value.toFixed(1)));
+      svg("text", { x: pad.left - 6, y: at + 4, class: "axis", "text-anchor": "end" }, value));
   }
   buckets.forEach((bucket, i) => {
     const label = hour.format(new Date(bucket.start));
     ["refresh", "sync"].forEach((series, j) => {
       let top = pad.top + plotH;
-      const x = pad.left + i * slot + 1 + j * (barW + 1);
+      const x = pad.left + i * slot + 2.5 + j * (barW + 1);
       const counts = bucket[series] || {};
       const order = [...SERIES[series].outcomes, ...Object.keys(counts).filter((o) => !SERIES[series].outcomes.includes(o))];
       for (const outcome of order) {

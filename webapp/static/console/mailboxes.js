@@ -131,13 +131,15 @@ function runsTable(box) {
       el("td", { class: "error-text" }, run.error || "")))));
 }
 
+// The progress line stays until the list is reloaded; the outcome then shows on the
+// fresh card. A failure shows its message at once; null means "navigating away".
 async function perform(box, button, status, progress, work) {
   let outcome = null;
   await runAction(button, status, progress, async (update) => {
     outcome = await work(update);
-    return outcome;
+    return null;
   });
-  if (outcome === null) return; // failed (message shown) or navigating away
+  if (outcome === null) return;
   lines.set(box.key, Array.isArray(outcome) ? outcome : ["success", outcome]);
   await reload();
 }
