@@ -2,15 +2,20 @@
 
 Loads (once) one organization with 1,000,000 tokens and 5,000,000 refresh attempts
 spread over 30 days into a dedicated database, then times the endpoint through the
-Flask test client. Target: median under 100 ms.
+Flask test client, twice: "cold" drops the health snapshot before every request so
+each one runs the SQL; "served" is the endpoint as deployed (a computation slower
+than 100 ms is kept as a 30 s snapshot, see webapp/services/health.py).
+Target: median under 100 ms.
 
     .venv/bin/python bench/health.py                    # full size
     .venv/bin/python bench/health.py --rows 100000 --attempts 500000   # quick run
     .venv/bin/python bench/health.py --explain          # also EXPLAIN ANALYZE the queries
+    .venv/bin/python bench/health.py --indexes proposed # with the proposed indexes
 
 BENCH_DATABASE_URL (default postgresql+psycopg://postgres@127.0.0.1:5432/mailkey_bench)
 is created when missing and migrated. Data already there with the requested counts is
-reused. Health never decrypts, so the ciphertext columns hold a fixed dummy value.
+reused; other counts replace it (the full load takes several minutes). Health never
+decrypts, so the ciphertext columns hold a fixed dummy value.
 """
 
 from __future__ import annotations
@@ -41,6 +46,19 @@ URL = "/api/v1/health/oauth-tokens"
 TARGET_MS = 100.0
 JWT_SECRET = "bench-jwt-secret-" + "b" * 47  # 64 characters
 DUMMY_CIPHERTEXT = "v1:00000000:x"
+
+# Indexes proposed for the health queries (the migration is the lead's to write):
+# --indexes proposed creates them here, --indexes none drops them, to compare.
+PROPOSED_INDEXES = {
+    # Index-only scan of the token counts; a superset of ix_user_email_tokens_org_status.
+    "ix_user_email_tokens_org_status_provider_expires": (
+        "ON user_email_tokens (organization_id, status, provider, expires_at)"
+    ),
+    # Index-only scan of the last 24 h of attempts; replaces ix_token_refresh_attempts_org_started.
+    "ix_token_refresh_attempts_org_started_cover": (
+        "ON token_refresh_attempts (organization_id, started_at) INCLUDE (provider, outcome)"
+    ),
+}
 
 LOAD_TOKENS = """
 INSERT INTO user_email_tokens (
@@ -111,15 +129,6 @@ def ensure_database(url: str) -> None:
         admin.dispose()
 
 
-def with_health_blueprint() -> None:
-    """Until the health blueprint is registered in webapp.api.v1, add it here."""
-    import webapp.api.v1 as v1
-    from webapp.api.v1.health import blueprint
-
-    if blueprint not in v1.BLUEPRINTS:
-        v1.BLUEPRINTS = [*v1.BLUEPRINTS, blueprint]
-
-
 def counts(conn: sa.Connection) -> tuple[int, int]:
     tokens = conn.scalar(
         sa.text("SELECT count(*) FROM user_email_tokens WHERE organization_id = :org"),
@@ -159,6 +168,26 @@ def load(engine: sa.Engine, rows: int, attempts: int) -> None:
     print(f"  loaded and analyzed in {time.perf_counter() - started:.1f} s")
 
 
+def set_indexes(engine: sa.Engine, choice: str) -> None:
+    if choice == "keep":
+        return
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for name, definition in PROPOSED_INDEXES.items():
+            if choice == "proposed":
+                conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS {name} {definition}"))
+            else:
+                conn.execute(sa.text(f"DROP INDEX IF EXISTS {name}"))
+        conn.execute(sa.text("VACUUM ANALYZE user_email_tokens"))
+        conn.execute(sa.text("VACUUM ANALYZE token_refresh_attempts"))
+        present = conn.scalars(
+            sa.text(
+                "SELECT indexname FROM pg_indexes WHERE tablename IN "
+                "('user_email_tokens', 'token_refresh_attempts') ORDER BY indexname"
+            )
+        ).all()
+    print("indexes: " + ", ".join(present))
+
+
 def explain(app: Any, client: Any, headers: dict[str, str]) -> None:
     """EXPLAIN ANALYZE the statements one request runs, as the request ran them."""
     from webapp.extensions import db
@@ -196,6 +225,12 @@ def main() -> int:
     parser.add_argument("--attempts", type=int, default=5_000_000, help="refresh attempts")
     parser.add_argument("--runs", type=int, default=30, help="timed requests")
     parser.add_argument("--warmup", type=int, default=3, help="untimed requests first")
+    parser.add_argument(
+        "--indexes",
+        choices=["keep", "none", "proposed"],
+        default="keep",
+        help="create (proposed) or drop (none) the proposed indexes first; keep: as they are",
+    )
     parser.add_argument("--explain", action="store_true", help="EXPLAIN ANALYZE the queries")
     args = parser.parse_args()
     if args.rows < 1 or args.attempts < 0 or args.runs < 1:
@@ -203,7 +238,6 @@ def main() -> int:
 
     database_url = os.environ.get("BENCH_DATABASE_URL", DEFAULT_URL)
     ensure_database(database_url)
-    with_health_blueprint()
     from flask_migrate import upgrade
 
     with tempfile.TemporaryDirectory(prefix="mailkey-bench-") as instance:
@@ -213,35 +247,66 @@ def main() -> int:
 
             upgrade(directory=str(ROOT / "migrations"))
             load(db.engine, args.rows, args.attempts)
+            set_indexes(db.engine, args.indexes)
 
         token = issue_token(JWT_SECRET, user_id=1, organization_id=ORG, admin=True)
         headers = {"Authorization": f"Bearer {token}"}
         client = app.test_client()
-        for _ in range(args.warmup):
-            response = client.get(URL, headers=headers)
-            assert response.status_code == 200, response.json
-        timings: list[float] = []
-        for _ in range(args.runs):
-            started = time.perf_counter()
-            response = client.get(URL, headers=headers)
-            timings.append((time.perf_counter() - started) * 1000)
-            assert response.status_code == 200, response.json
-        body = response.json
-        if args.explain:
-            explain(app, client, headers)
+        with app.app_context():
+            from webapp.services.health import SNAPSHOT_PREFIX
 
-    timings.sort()
-    median = statistics.median(timings)
-    p95 = percentile(timings, 0.95)
-    verdict = "PASS" if median < TARGET_MS else "FAIL"
+            redis_client = app.extensions["redis"]
+            snapshot_key = f"{SNAPSHOT_PREFIX}oauth-tokens:{ORG}:24"
+            redis_client.delete(snapshot_key)
+
+            def forget_snapshot() -> None:
+                redis_client.delete(snapshot_key)
+
+            # Cold: the snapshot is dropped before every request, so each one runs the SQL.
+            cold, body = time_requests(client, headers, args, before=forget_snapshot)
+            # Served: as deployed; the warm-up's slow computation is kept as a snapshot.
+            served, _ = time_requests(client, headers, args)
+            if args.explain:
+                forget_snapshot()
+                explain(app, client, headers)
+
     print(
         f"\n{URL}: {args.rows:,} tokens, {args.attempts:,} attempts "
-        f"({body['refresh_attempts_24h']:,} in 24 h, total {body['total']:,})"
+        f"({body['refresh_attempts_24h']:,} in 24 h, total {body['total']:,}); "
+        f"runs={args.runs} warmup={args.warmup}"
     )
-    print(f"runs={args.runs} warmup={args.warmup}")
-    print(f"median {median:.1f} ms  p95 {p95:.1f} ms  min {timings[0]:.1f} ms")
-    print(f"target median < {TARGET_MS:.0f} ms: {verdict}")
-    return 0 if verdict == "PASS" else 1
+    verdicts = [report("cold (SQL every request)", cold), report("served (with snapshot)", served)]
+    return 0 if verdicts[-1] else 1
+
+
+def time_requests(
+    client: Any, headers: dict[str, str], args: argparse.Namespace, before: Any = None
+) -> tuple[list[float], dict[str, Any]]:
+    for _ in range(args.warmup):
+        if before:
+            before()
+        response = client.get(URL, headers=headers)
+        assert response.status_code == 200, response.json
+    timings: list[float] = []
+    for _ in range(args.runs):
+        if before:
+            before()
+        started = time.perf_counter()
+        response = client.get(URL, headers=headers)
+        timings.append((time.perf_counter() - started) * 1000)
+        assert response.status_code == 200, response.json
+    return sorted(timings), response.json
+
+
+def report(label: str, timings: list[float]) -> bool:
+    median = statistics.median(timings)
+    passed = median < TARGET_MS
+    print(
+        f"{label:26s} median {median:7.1f} ms  p95 {percentile(timings, 0.95):7.1f} ms  "
+        f"min {timings[0]:7.1f} ms  target median < {TARGET_MS:.0f} ms: "
+        f"{'PASS' if passed else 'FAIL'}"
+    )
+    return passed
 
 
 if __name__ == "__main__":

@@ -14,61 +14,41 @@ the requested output goes to stdout; logs and the progress bar go to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
-from typing import Any
 
-# The Celery app loads `celeryconfig` from the project root, which is not on
-# sys.path when this file is run as `python scripts/refresh_oauth_tokens.py`.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rich.table import Table
+from sqlalchemy import select
 
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-from rich.table import Table  # noqa: E402
-from sqlalchemy import select  # noqa: E402
-
-from webapp.errors import MailkeyError, NeedsReauth, TokenRevoked  # noqa: E402
-from webapp.logs import redact  # noqa: E402
-from webapp.models import UserEmailToken, utcnow  # noqa: E402
-from webapp.models.tokens import TOKEN_STATUSES_REPORTED  # noqa: E402
-from webapp.providers import PROVIDER_NAMES  # noqa: E402
+from webapp.api.v1.schemas_tokens import TokenSchema
+from webapp.cli_support import (
+    FAILED,
+    OK,
+    Outcome,
+    describe,
+    non_negative_int,
+    positive_int,
+    print_json,
+    report,
+    run_each,
+    run_in_app,
+    stdout_console,
+)
+from webapp.errors import MailkeyError, NeedsReauth, TokenRevoked
+from webapp.extensions import db
+from webapp.models import TOKEN_STATUSES_REPORTED, UserEmailToken, utcnow
+from webapp.providers import PROVIDER_NAMES
+from webapp.services.queue import enqueue
+from webapp.services.tokens import refresh_token, status_filter
 
 log = logging.getLogger("mailkey.cli.refresh")
 
 REFRESH_TASK = "tasks.refresh.refresh_token"
-PROGRESS_THRESHOLD = 5
+OUTCOMES = ("refreshed", "skipped", "failed", "needs_reauth")
+LABELS = {"needs_reauth": "needs re-auth"}
 DEFAULT_DAYS = 7
-OK, FAILED, USAGE = 0, 1, 2
-
-
-@dataclass
-class Outcome:
-    id: int
-    outcome: str  # refreshed | skipped | failed | needs_reauth
-    error: str | None = None
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = non_negative_int(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be 1 or more")
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,9 +102,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def select_tokens(args: argparse.Namespace, now: datetime) -> list[UserEmailToken]:
-    from webapp.extensions import db
-    from webapp.services.tokens import status_filter
-
     query = select(UserEmailToken)
     if args.token_id is not None:
         query = query.where(UserEmailToken.id == args.token_id)
@@ -159,14 +136,8 @@ def expires_in(token: UserEmailToken, now: datetime) -> str:
     )
 
 
-def stdout_console() -> Console:
-    console = Console()
-    # Piped output has no width to follow: do not wrap addresses at 80 columns.
-    return console if console.is_terminal else Console(width=250)
-
-
 def print_table(tokens: list[UserEmailToken], now: datetime, title: str) -> None:
-    table = Table(title=title, title_justify="left")
+    table = Table()
     for name in ("id", "organization", "user", "provider", "address", "status"):
         table.add_column(name, no_wrap=True, justify="right" if name == "id" else "left")
     table.add_column("expires in", no_wrap=True)
@@ -185,17 +156,13 @@ def print_table(tokens: list[UserEmailToken], now: datetime, title: str) -> None
             last,
             token.last_refresh_error or "",
         )
-    stdout_console().print(table)
-
-
-def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2) + "\n")
+    console = stdout_console()
+    console.print(title)
+    console.print(table)
 
 
 def show_tokens(tokens: list[UserEmailToken], now: datetime, args: argparse.Namespace) -> None:
     if args.json:
-        from webapp.api.v1.schemas_tokens import TokenSchema
-
         print_json(TokenSchema().dump(tokens, many=True))
         return
     noun = "token" if len(tokens) == 1 else "tokens"
@@ -206,16 +173,7 @@ def show_tokens(tokens: list[UserEmailToken], now: datetime, args: argparse.Name
 # --- refreshing --------------------------------------------------------------------------
 
 
-def describe(exc: Exception) -> str:
-    if isinstance(exc, MailkeyError):
-        return f"{exc.code}: {exc.reason}" if exc.reason else exc.code
-    return redact(f"{type(exc).__name__}: {exc}")[:200]
-
-
 def refresh_one(token_id: int) -> Outcome:
-    from webapp.extensions import db
-    from webapp.services.tokens import refresh_token
-
     try:
         result = refresh_token(token_id, trigger="cli", force=True)
     except (NeedsReauth, TokenRevoked) as exc:
@@ -229,50 +187,12 @@ def refresh_one(token_id: int) -> Outcome:
 
 
 def enqueue_one(token_id: int) -> Outcome:
-    from webapp.services.queue import enqueue
-
     try:
         enqueue(REFRESH_TASK, token_id, True)
     except Exception as exc:
         log.exception("cli_enqueue_failed", extra={"event": "cli_enqueue_failed"})
         return Outcome(token_id, "failed", describe(exc))
     return Outcome(token_id, "enqueued")
-
-
-def run_all(token_ids: list[int], enqueue: bool) -> list[Outcome]:
-    work = enqueue_one if enqueue else refresh_one
-    if len(token_ids) <= PROGRESS_THRESHOLD:
-        return [work(token_id) for token_id in token_ids]
-    outcomes = []
-    label = "Enqueueing" if enqueue else "Refreshing"
-    with Progress(console=Console(stderr=True), redirect_stdout=False) as progress:
-        task = progress.add_task(label, total=len(token_ids))
-        for token_id in token_ids:
-            outcomes.append(work(token_id))
-            progress.advance(task)
-    return outcomes
-
-
-def report(outcomes: list[Outcome], args: argparse.Namespace) -> int:
-    counts = Counter(outcome.outcome for outcome in outcomes)
-    failed = counts["failed"] + counts["needs_reauth"]
-    if args.enqueue:
-        summary: dict[str, Any] = {"enqueued": counts["enqueued"], "failed": counts["failed"]}
-        line = f"enqueued {counts['enqueued']}, failed {counts['failed']}"
-    else:
-        keys = ("refreshed", "skipped", "failed", "needs_reauth")
-        summary = {key: counts[key] for key in keys}
-        line = ", ".join(
-            f"{key.replace('_', ' ').replace('reauth', 're-auth')} {counts[key]}" for key in keys
-        )
-    if args.json:
-        print_json({**summary, "results": [asdict(outcome) for outcome in outcomes]})
-    else:
-        for outcome in outcomes:
-            if outcome.error:
-                print(f"token {outcome.id}: {outcome.outcome.replace('_', ' ')} ({outcome.error})")
-        print(line)
-    return FAILED if failed else OK
 
 
 def run(args: argparse.Namespace) -> int:
@@ -284,26 +204,27 @@ def run(args: argparse.Namespace) -> int:
     if args.list or args.dry_run:
         show_tokens(tokens, now, args)
         return OK
-    return report(run_all([token.id for token in tokens], args.enqueue), args)
+    addresses = {token.id: token.email_address for token in tokens}
+    if args.enqueue:
+        outcomes = run_each(list(addresses), enqueue_one, "Enqueueing")
+        keys: tuple[str, ...] = ("enqueued", "failed")
+    else:
+        outcomes = run_each(list(addresses), refresh_one, "Refreshing")
+        keys = OUTCOMES
+    return report(
+        outcomes,
+        keys,
+        as_json=args.json,
+        noun="token",
+        names=addresses,
+        labels=LABELS,
+        failing=("failed", "needs_reauth"),
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from webapp import create_app
-    from webapp.config import ConfigError
-
-    try:
-        app = create_app()
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return FAILED
-    with app.app_context():
-        try:
-            return run(args)
-        finally:
-            from webapp.extensions import db
-
-            db.session.remove()
+    return run_in_app(lambda: run(args))
 
 
 if __name__ == "__main__":

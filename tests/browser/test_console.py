@@ -56,17 +56,6 @@ class Console:
         return self.base_url + path
 
 
-def _app_with_health(env: dict[str, str], **overrides: str) -> Flask:
-    """make_app, with the health blueprint added while it is not yet in BLUEPRINTS."""
-    import webapp.api.v1 as v1
-    from webapp.api.v1.health import blueprint as health
-
-    with pytest.MonkeyPatch.context() as patch:
-        if health not in v1.BLUEPRINTS:
-            patch.setattr(v1, "BLUEPRINTS", [*v1.BLUEPRINTS, health])
-        return make_app(env, **overrides)
-
-
 @pytest.fixture(scope="module")
 def console_server(migrated_app: Flask, base_env: dict[str, str]) -> Iterator[Console]:
     holder: dict[str, Flask] = {}
@@ -76,9 +65,7 @@ def console_server(migrated_app: Flask, base_env: dict[str, str]) -> Iterator[Co
 
     server = make_server("127.0.0.1", 0, dispatch, threaded=True, request_handler=_QuietHandler)
     base_url = f"http://127.0.0.1:{server.server_port}"
-    holder["app"] = _app_with_health(
-        base_env, OAUTH_REDIRECT_URI=f"{base_url}/console/oauth/complete"
-    )
+    holder["app"] = make_app(base_env, OAUTH_REDIRECT_URI=f"{base_url}/console/oauth/complete")
     thread = threading.Thread(target=server.serve_forever, name="console-http", daemon=True)
     thread.start()
     try:
@@ -487,7 +474,7 @@ def test_message_subjects_render_as_text_and_pages_follow_the_cursor(
                     account_id=account.id,
                     folder_id=folder.id,
                     uid=uid,
-                    subject=XSS_SUBJECT if uid == 51 else f"Message {uid}",
+                    subject=XSS_SUBJECT if uid == 1 else f"Message {uid}",
                     from_address="<b>mallory</b>@example.com",
                     to_addresses=["user@example.com"],
                     cc_addresses=[],

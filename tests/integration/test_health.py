@@ -36,30 +36,10 @@ COUNT_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def health_app(migrated_app: Flask, base_env: dict[str, str]) -> Iterator[Flask]:
-    """The session app, or (until the health blueprint is in BLUEPRINTS) one with it added."""
-    if "health" in migrated_app.blueprints:
-        yield migrated_app
-        return
-    import webapp.api.v1 as v1
-    from webapp.api.v1.health import blueprint
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(v1, "BLUEPRINTS", [*v1.BLUEPRINTS, blueprint])
-        health = make_app(base_env)
-    yield health
-
-
-@pytest.fixture
-def client(app: Flask, health_app: Flask) -> Iterator[FlaskClient]:
-    """Empty tables (the `app` fixture), requests served by the app with /health."""
-    if health_app is app:
-        yield app.test_client()
-        return
-    with health_app.app_context():
-        yield health_app.test_client()
-        db.session.remove()
+@pytest.fixture(autouse=True)
+def live_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No snapshots unless a test asks: a loaded test machine must not make counts stale."""
+    monkeypatch.setattr(health_service, "SNAPSHOT_WHEN_SLOWER_THAN", 60.0)
 
 
 # --- seeding ------------------------------------------------------------------------------
@@ -456,6 +436,32 @@ def test_bad_timeline_hours_is_a_validation_error(client, auth_headers, value):
     assert "hours" in response.json["error"]["fields"]
 
 
+# --- snapshots of slow computations --------------------------------------------------------
+
+
+def test_figures_computed_faster_than_the_threshold_are_live(client, auth_headers, seeded):
+    assert client.get(TOKENS_URL, headers=admin(auth_headers)).json["total"] == 9
+    add_token(1, 50, "yahoo", now=utcnow())
+    db.session.commit()
+    assert client.get(TOKENS_URL, headers=admin(auth_headers)).json["total"] == 10
+
+
+def test_slow_figures_are_served_from_a_snapshot(client, auth_headers, seeded, monkeypatch):
+    monkeypatch.setattr(health_service, "SNAPSHOT_WHEN_SLOWER_THAN", 0)
+    urls = (TOKENS_URL, SYNC_URL, f"{TIMELINE_URL}?hours=3")
+    first = {url: client.get(url, headers=admin(auth_headers)).json for url in urls}
+    add_token(1, 50, "yahoo", now=utcnow())
+    add_run(add_account(1, 50, "error"), "failed", M, utcnow(), seconds=1.0)
+    db.session.commit()
+    for url in urls:
+        assert client.get(url, headers=admin(auth_headers)).json == first[url]
+    assert client.get(TOKENS_URL, headers=admin(auth_headers, org=2)).json["total"] == 5
+    other_window = client.get(
+        TOKENS_URL, query_string={"within_hours": 2}, headers=admin(auth_headers)
+    )
+    assert other_window.json["total"] == 10
+
+
 # --- SQLite (development) -----------------------------------------------------------------
 
 
@@ -474,16 +480,16 @@ def sqlite_app(base_env: dict[str, str], tmp_path: Path) -> Iterator[Flask]:
 def test_sqlite_computes_the_same_figures_with_a_nearest_rank_p95(sqlite_app):
     now = utcnow()
     seed(now)
-    tokens = health_service.oauth_token_health(1)
+    tokens = health_service.compute_oauth_token_health(1)
     assert (tokens["total"], tokens["active"], tokens["expired"]) == (9, 4, 2)
     assert (tokens["needs_reauth"], tokens["revoked"], tokens["expiring_soon"]) == (2, 1, 2)
     assert (tokens["refresh_attempts_24h"], tokens["refresh_failures_24h"]) == (6, 3)
-    sync = health_service.email_sync_health(1)
+    sync = health_service.compute_email_sync_health(1)
     assert sync["sync_runs_24h"] == {"total": 5, "succeeded": 3, "failed": 1}
     assert sync["avg_duration_seconds"] == pytest.approx(25.0, abs=0.01)
     assert sync["p95_duration_seconds"] == pytest.approx(40.0, abs=0.01)  # nearest rank
     assert sync["messages_synced_24h"] == 16
-    buckets = health_service.timeline(1, hours=168)["buckets"]
+    buckets = health_service.compute_timeline(1, hours=168)["buckets"]
     assert len(buckets) == 168
     assert buckets[-1]["start"].tzinfo is not None
     assert sum(sum(b["refresh"].values()) for b in buckets) == len(ORG1_ATTEMPTS)

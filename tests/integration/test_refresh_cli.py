@@ -268,8 +268,9 @@ def test_token_id_of_a_token_needing_reauth_exits_1_without_a_provider_call(
     calls = oauth_provider.calls["token"]
     result = run_cli(base_env, "--token-id", str(mailboxes["dead"]))
     assert result.returncode == 1
-    assert f"token {mailboxes['dead']}: needs reauth (needs_reauth: invalid_grant)" in (
-        result.stdout
+    assert result.stdout.startswith(
+        f"token {mailboxes['dead']} (dead@yahoo.example): needs re-auth "
+        "(needs_reauth: invalid_grant)\n"
     )
     assert result.stdout.strip().splitlines()[-1] == (
         "refreshed 0, skipped 0, failed 0, needs re-auth 1"
