@@ -10,7 +10,8 @@ import pytest
 import sqlalchemy as sa
 
 from tests.conftest import PASSWORD, PASSWORD_USER, make_app
-from tests.support.flows import connect
+from tests.integration.conftest import finished_runs as _finished_runs
+from tests.integration.conftest import wait_runs as _wait_runs
 from webapp.extensions import db
 from webapp.models import (
     MailAccount,
@@ -23,27 +24,6 @@ from webapp.models import (
 )
 
 pytestmark = pytest.mark.usefixtures("celery_worker")
-
-
-def _finished_runs(account_id: int) -> list[SyncRun]:
-    db.session.expire_all()
-    return list(
-        db.session.scalars(
-            sa.select(SyncRun)
-            .where(SyncRun.account_id == account_id, SyncRun.outcome != "running")
-            .order_by(SyncRun.id)
-        )
-    )
-
-
-def _wait_runs(account_id: int, count: int, timeout: float = 40) -> list[SyncRun]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = _finished_runs(account_id)
-        if len(runs) >= count:
-            return runs
-        time.sleep(0.1)
-    raise AssertionError(f"expected {count} finished sync runs, got {_finished_runs(account_id)}")
 
 
 def _sync(client, headers, account_id: int) -> SyncRun:
@@ -63,24 +43,6 @@ def _messages(account_id: int) -> int:
         .select_from(MailMessage)
         .where(MailMessage.account_id == account_id)
     )
-
-
-@pytest.fixture
-def mailbox(client, auth_headers, oauth_provider, mail):
-    """alice@example.com with 30 messages, connected through OAuth and initially synced."""
-    address = f"alice-{time.monotonic_ns()}@example.com"
-    mail.imap.seed(address, "INBOX", 30)
-    response = connect(client, auth_headers(), "google", oauth_provider, address)
-    assert response.status_code == 201, response.json
-    account_id = response.json["account_id"]
-    first = _wait_runs(account_id, 1)[0]
-    assert first.outcome == "succeeded", first.error
-    return {
-        "address": address,
-        "account_id": account_id,
-        "token_id": response.json["id"],
-        "run": first,
-    }
 
 
 def test_initial_sync_stores_envelopes_and_encrypted_snippets(client, auth_headers, mailbox):
