@@ -9,6 +9,7 @@ from typing import Any
 from celery import shared_task
 from flask import current_app
 from sqlalchemy import or_, select
+from sqlalchemy.orm.exc import ObjectDeletedError
 
 from tasks.refresh import retry_countdown
 from webapp.extensions import db, redis_store
@@ -30,7 +31,9 @@ def sync_account(self: Any, account_id: int, run_id: int | None = None) -> dict[
     except sync_service.SyncBusy:
         redis_store.client.delete(QUEUED_KEY.format(account_id))
         return {"account_id": account_id, "outcome": "busy"}
-    except LookupError:
+    except (LookupError, ObjectDeletedError):
+        # The account was deleted before or during the sync.
+        db.session.rollback()
         redis_store.client.delete(QUEUED_KEY.format(account_id))
         return {"account_id": account_id, "outcome": "not_found"}
     except sync_service.TransientSyncError as exc:
@@ -39,6 +42,7 @@ def sync_account(self: Any, account_id: int, run_id: int | None = None) -> dict[
             return {"account_id": account_id, "outcome": "failed", "error": str(exc)}
         raise self.retry(exc=exc, countdown=retry_countdown(self.request.retries, None)) from None
     redis_store.client.delete(QUEUED_KEY.format(account_id))
+    db.session.refresh(run)
     return {
         "account_id": account_id,
         "run_id": run.id,

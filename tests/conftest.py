@@ -208,17 +208,36 @@ def migrated_app(base_env: dict[str, str]) -> Flask:
 
 @pytest.fixture
 def app(migrated_app: Flask, oauth_provider: OAuthProvider) -> Iterator[Flask]:
-    """The session app with empty tables, an empty Redis db and a fresh provider."""
+    """The session app with empty tables, an empty Redis db and a fresh provider.
+
+    Redis is emptied first, so tasks queued by an earlier test never run; rows are
+    deleted rather than truncated, so a task of an earlier test still running on the
+    worker cannot deadlock the cleanup, and ids are never reused, so such a task
+    finds nothing of this test's to touch.
+    """
     from webapp.extensions import db, redis_store
 
     with migrated_app.app_context():
-        db.session.execute(sa.text(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE"))
-        db.session.commit()
         redis_store.client.flushdb()
+        _wait_for_idle_worker()
+        for table in TABLES:
+            db.session.execute(sa.text(f"DELETE FROM {table}"))  # noqa: S608 - fixed names
+        db.session.commit()
     oauth_provider.reset()
     with migrated_app.app_context():
         yield migrated_app
         db.session.remove()
+
+
+def _wait_for_idle_worker(timeout: float = 30.0) -> None:
+    """Let tasks an earlier test left on the in-process worker finish first."""
+    import time
+
+    from celery.worker import state
+
+    deadline = time.monotonic() + timeout
+    while (state.active_requests or state.reserved_requests) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from tasks import refresh as refresh_tasks
+from tests.integration.conftest import wait_runs
 from tests.support.flows import connect
 from tests.support.oauth_provider import ScriptedResponse
 from webapp.extensions import db, redis_store
@@ -20,10 +21,14 @@ pytestmark = pytest.mark.usefixtures("celery_worker")
 
 
 def _connect_many(client, headers, oauth_provider, count: int) -> list[int]:
-    return [
-        connect(client, headers, "google", oauth_provider, f"t{i}@example.com").json["id"]
+    """Connected tokens whose initial syncs have finished (they use the tokens too)."""
+    answers = [
+        connect(client, headers, "google", oauth_provider, f"t{i}@example.com").json
         for i in range(count)
     ]
+    for answer in answers:
+        wait_runs(answer["account_id"], 1)
+    return [answer["id"] for answer in answers]
 
 
 def _attempts(token_id: int) -> list[TokenRefreshAttempt]:

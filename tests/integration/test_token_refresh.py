@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from tests.integration.conftest import wait_runs
 from tests.support.flows import connect
 from tests.support.oauth_provider import ScriptedResponse
 from webapp.extensions import db
@@ -17,10 +18,12 @@ from webapp.services import tokens as token_service
 
 
 @pytest.fixture
-def connected(client, auth_headers, oauth_provider):
-    """A connected Google mailbox of user 1 / org 1; returns its token id."""
+def connected(client, auth_headers, oauth_provider, celery_worker):
+    """A connected Google mailbox of user 1 / org 1 whose initial sync (which uses the
+    token too) has finished; returns its token id."""
     response = connect(client, auth_headers(), "google", oauth_provider, "owner@example.com")
     assert response.status_code == 201, response.json
+    wait_runs(response.json["account_id"], 1)
     return response.json["id"]
 
 

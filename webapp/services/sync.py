@@ -84,13 +84,22 @@ def start_run(account: MailAccount) -> tuple[SyncRun, bool]:
 
 
 def _finish(run: SyncRun, counts: Counts, outcome: str, error: str | None) -> None:
-    run.finished_at = utcnow()
-    run.outcome = outcome
-    run.new_count, run.updated_count, run.deleted_count = counts.new, counts.updated, counts.deleted
-    run.error = error[:2000] if error else None
+    started_at, finished_at = run.started_at, utcnow()
+    db.session.execute(
+        update(SyncRun)
+        .where(SyncRun.id == run.id)
+        .values(
+            finished_at=finished_at,
+            outcome=outcome,
+            new_count=counts.new,
+            updated_count=counts.updated,
+            deleted_count=counts.deleted,
+            error=error[:2000] if error else None,
+        )
+    )
     db.session.commit()
     SYNC_RUNS_TOTAL.labels(outcome).inc()
-    SYNC_SECONDS.observe((run.finished_at - run.started_at).total_seconds())
+    SYNC_SECONDS.observe((finished_at - started_at).total_seconds())
     MESSAGES_SYNCED_TOTAL.inc(counts.new)
 
 
@@ -119,6 +128,8 @@ def sync_account(account_id: int, run_id: int | None = None) -> SyncRun:
 
 
 def _run(account: MailAccount, run: SyncRun) -> SyncRun:
+    account_id = account.id  # still known after a rollback expires the object
+    run.started_at  # noqa: B018 - load it now, for the duration after a rollback
     counts = Counts()
     clock = time.perf_counter()
     try:
@@ -126,31 +137,30 @@ def _run(account: MailAccount, run: SyncRun) -> SyncRun:
             _sync_folders(account, client, counts)
     except (NeedsReauth, TokenRevoked) as exc:
         db.session.rollback()
-        _set_account(account, "paused", exc.message)
+        _set_account(account_id, "paused", exc.message)
         _finish(run, counts, "failed", exc.message)
         return run
     except MailAuthFailed as exc:
         db.session.rollback()
-        _set_account(account, "error", f"authentication failed: {exc.server_message}")
+        _set_account(account_id, "error", f"authentication failed: {exc.server_message}")
         _finish(run, counts, "failed", f"authentication failed: {exc.server_message}")
         return run
     except Exception as exc:
         db.session.rollback()
         message = f"{type(exc).__name__}: {exc}"
-        _set_account(account, "error", message)
+        _set_account(account_id, "error", message)
         _finish(run, counts, "failed", message)
         if is_transient(exc):
             raise TransientSyncError(message) from exc
-        log.exception("sync_failed", extra={"event": "sync_failed", "account_id": account.id})
+        log.exception("sync_failed", extra={"event": "sync_failed", "account_id": account_id})
         return run
-    account.last_synced_at = utcnow()
-    _set_account(account, "active", None)
+    _set_account(account_id, "active", None, synced_at=utcnow())
     _finish(run, counts, "succeeded", None)
     log.info(
         "sync_finished",
         extra={
             "event": "sync_finished",
-            "account_id": account.id,
+            "account_id": account_id,
             "new": counts.new,
             "updated": counts.updated,
             "deleted": counts.deleted,
@@ -160,17 +170,17 @@ def _run(account: MailAccount, run: SyncRun) -> SyncRun:
     return run
 
 
-def _set_account(account: MailAccount, status: str, error: str | None) -> None:
-    db.session.execute(
-        update(MailAccount)
-        .where(MailAccount.id == account.id)
-        .values(
-            status=status,
-            last_error=error[:2000] if error else None,
-            last_synced_at=account.last_synced_at,
-            updated_at=utcnow(),
-        )
-    )
+def _set_account(
+    account_id: int, status: str, error: str | None, synced_at: datetime | None = None
+) -> None:
+    values: dict[str, Any] = {
+        "status": status,
+        "last_error": error[:2000] if error else None,
+        "updated_at": utcnow(),
+    }
+    if synced_at is not None:
+        values["last_synced_at"] = synced_at
+    db.session.execute(update(MailAccount).where(MailAccount.id == account_id).values(**values))
     db.session.commit()
 
 
