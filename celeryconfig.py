@@ -26,7 +26,6 @@ result_expires = 86400
 # Flower shows task states and retries only with events on.
 worker_send_task_events = True
 task_send_sent_event = True
-task_track_started = True
 
 worker_hijack_root_logger = False
 broker_connection_retry_on_startup = True

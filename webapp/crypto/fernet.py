@@ -39,13 +39,19 @@ def _pii_key_id(key: EncryptionKeys | str) -> EncryptionKeys:
     return kid
 
 
+@functools.lru_cache(maxsize=8)
+def _multi(materials: tuple[bytes, ...]) -> MultiFernet:
+    """Current key first: MultiFernet encrypts with it and decrypts with any."""
+    return MultiFernet([_fernet(m) for m in materials])
+
+
 def encrypt_field(value: str, key: EncryptionKeys | str = EncryptionKeys.PII, aad: str = "") -> str:
     ring = get_keyring()
     kid = _pii_key_id(key)
     if not isinstance(value, str) or not isinstance(aad, str):
         raise CryptoError("value and aad must be str")
     body = utf8(json.dumps({"aad": aad, "v": value}, ensure_ascii=False, separators=(",", ":")))
-    token = MultiFernet([_fernet(m) for m in ring.materials(kid)]).encrypt(body)
+    token = _multi(tuple(ring.materials(kid))).encrypt(body)
     return f"v1:{ring.current_fingerprint(kid)}:{token.decode('ascii')}"
 
 

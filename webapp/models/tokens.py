@@ -66,7 +66,7 @@ class UserEmailToken(TimestampMixin, Base):
         primaryjoin="UserEmailToken.id == foreign(MailAccount.token_id)",
         uselist=False,
         viewonly=True,
-        lazy="selectin",
+        lazy="select",  # the API eager-loads it where it lists tokens
     )
 
     def __repr__(self) -> str:  # never the ciphertexts

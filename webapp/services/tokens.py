@@ -20,6 +20,7 @@ from typing import Any
 import requests
 from flask import current_app
 from sqlalchemy import select, update
+from sqlalchemy.orm import selectinload
 
 from webapp.crypto import DecryptionError, aad_for, decrypt_aes_gcm, encrypt_aes_gcm
 from webapp.errors import (
@@ -231,6 +232,8 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
         duration_ms=int(elapsed * 1000),
         trigger=trigger,
     )
+    # Values for the metrics and the log, read before the commit expires the objects.
+    token_id, provider_name = token.id, token.provider
     if failure is None:
         # Nothing but encryption between the provider's answer and this commit.
         apply_token_response(token, answer, finished_at)
@@ -238,30 +241,28 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
         token.refresh_failure_count = 0
         token.last_refresh_error = None
         token.status_reason = None
-        attempt.outcome = "success"
+        outcome, error_code = "success", None
         attempt.http_status = 200
-        db.session.add(attempt)
-        db.session.commit()
     else:
-        attempt.outcome = failure.outcome
-        attempt.error_code = failure.error_code[:100]
+        outcome, error_code = failure.outcome, failure.error_code[:100]
         attempt.http_status = failure.http_status
         token.refresh_failure_count += 1
         token.last_refresh_error = failure.summary
         if failure.kind == "permanent":
             mark_needs_reauth(token, failure.error_code)
-        db.session.add(attempt)
-        db.session.commit()
-    TOKEN_REFRESH_TOTAL.labels(token.provider, attempt.outcome).inc()
-    TOKEN_REFRESH_SECONDS.labels(token.provider).observe(elapsed)
+    attempt.outcome, attempt.error_code = outcome, error_code
+    db.session.add(attempt)
+    db.session.commit()
+    TOKEN_REFRESH_TOTAL.labels(provider_name, outcome).inc()
+    TOKEN_REFRESH_SECONDS.labels(provider_name).observe(elapsed)
     log.info(
         "token_refresh",
         extra={
             "event": "token_refresh",
-            "token_id": token.id,
-            "provider": token.provider,
-            "outcome": attempt.outcome,
-            "error_code": attempt.error_code,
+            "token_id": token_id,
+            "provider": provider_name,
+            "outcome": outcome,
+            "error_code": error_code,
             "trigger": trigger,
         },
     )
@@ -388,8 +389,10 @@ def list_tokens(
 ) -> dict[str, Any]:
     from webapp.services.pagination import paginate
 
-    query = select(UserEmailToken).where(
-        UserEmailToken.organization_id == owner[0], UserEmailToken.user_id == owner[1]
+    query = (
+        select(UserEmailToken)
+        .options(selectinload(UserEmailToken.account))
+        .where(UserEmailToken.organization_id == owner[0], UserEmailToken.user_id == owner[1])
     )
     if provider:
         query = query.where(UserEmailToken.provider == provider)
