@@ -277,6 +277,9 @@ def _fetch_new(
 
 
 def _insert(rows: list[dict[str, Any]]) -> int:
+    """Bulk insert, skipping rows a killed run already stored. Sent as one executemany
+    of a one-row INSERT (pipelined by psycopg), not as a giant multi-VALUES statement
+    that the driver would have to parse again for every batch."""
     if not rows:
         return 0
     if db.engine.dialect.name == "postgresql":
@@ -284,8 +287,8 @@ def _insert(rows: list[dict[str, Any]]) -> int:
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
     statement = insert(MailMessage).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
-    result = db.session.execute(statement.returning(MailMessage.id), rows)
-    return len(result.all())
+    result = db.session.connection().execute(statement, rows)
+    return result.rowcount if result.rowcount >= 0 else len(rows)
 
 
 def _message_row(

@@ -1,0 +1,210 @@
+"""Benchmark token refreshes: Mailkey's refresh service vs bare HTTP refresh_token grants.
+
+Against the local OAuth provider (tests/support/oauth_provider.py, started in this process),
+the same N refreshes, sequentially and on --threads threads:
+
+- Mailkey: webapp.services.tokens.refresh_token(id, trigger="bench", force=True), each call
+  in its own app context as a Celery task runs it (Redis lock, row read, decrypt, HTTP,
+  encrypt, attempt row, commit);
+- bare: requests.Session().post(grant_type=refresh_token) per thread, JSON parsed.
+
+Best of --repeats, interleaved. Target: Mailkey/bare >= 0.5 in both modes. The provider
+answers in ~1 ms (TCP_NODELAY, see bench/_common.py); --latency-ms adds a real provider's
+delay to every token answer. --profile (or a miss) prints the SQL and time per phase.
+
+    .venv/bin/python bench/refresh.py [--tokens 500] [--threads 4] [--latency-ms 0] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+from typing import Any
+
+import requests
+from _common import (
+    Timer,
+    bench_app,
+    local_provider,
+    phase_timers,
+    provider_env,
+    table,
+    verdict,
+)
+from sqlalchemy import event, func, select
+
+from tests.support.oauth_provider import OAuthProvider, ScriptedResponse
+from webapp.extensions import db
+from webapp.models import TokenRefreshAttempt, UserEmailToken, utcnow
+from webapp.services.tokens import refresh_token, store_secrets
+
+TARGET = 0.5
+SCOPE = "openid email https://mail.google.com/"
+
+
+def create_tokens(provider: OAuthProvider, count: int) -> list[tuple[int, str]]:
+    """(token id, refresh token) pairs: provider-issued grants stored through the service."""
+    rows = []
+    for i in range(count):
+        issued = provider.issue_tokens_for(f"bench{i}@example.com", scope=SCOPE)
+        token = UserEmailToken(
+            organization_id=1, user_id=i, provider="google", email_address=f"bench{i}@example.com",
+            status="active", scopes=SCOPE, expires_at=utcnow() + timedelta(hours=1),
+        )  # fmt: skip
+        store_secrets(token, issued["access_token"], issued["refresh_token"])
+        db.session.add(token)
+        rows.append((token, issued["refresh_token"]))
+    db.session.commit()
+    return [(token.id, secret) for token, secret in rows]
+
+
+def run(fn: Callable[[Any], None], items: list[Any], threads: int) -> float:
+    with Timer() as t:
+        if threads == 1:
+            for item in items:
+                fn(item)
+        else:
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(fn, items))
+    return t.seconds
+
+
+def explain_costs(app: Any, mailkey: Callable[[Any], None], pairs: list[Any]) -> None:
+    """Sequential Mailkey refreshes with the SQL they run and the time per phase."""
+    import redis.lock
+    from sqlalchemy.orm import Session
+
+    from webapp.services import tokens
+
+    stats: dict[str, list[float]] = defaultdict(list)
+    started: list[float] = []
+
+    def before(*_args: Any) -> None:
+        started.append(time.perf_counter())
+
+    def after(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        words = statement.split()
+        verb = words[0].upper()
+        if verb == "SELECT":
+            name = words[words.index("FROM") + 1] if "FROM" in words else ""
+        else:
+            name = words[1] if verb == "UPDATE" else words[2]
+        stats[f"{verb} {name}"].append(time.perf_counter() - started.pop())
+
+    def on_commit(_conn: Any) -> None:
+        stats["COMMIT (not timed here)"].append(0.0)
+
+    targets = [
+        (redis.lock.Lock, "acquire", "Redis lock acquire"),
+        (redis.lock.Lock, "release", "Redis lock release"),
+        (Session, "get", "Session.get (token row, populate_existing)"),
+        (tokens, "decrypt_aes_gcm", "decrypt_aes_gcm"),
+        (tokens, "token_request", "HTTP token_request (requests)"),
+        (tokens, "encrypt_aes_gcm", "encrypt_aes_gcm"),
+        (Session, "commit", "Session.commit (flush + COMMIT)"),
+    ]
+    with app.app_context():
+        engine = db.engine
+    listeners = (("before_cursor_execute", before), ("after_cursor_execute", after))
+    for name, fn in (*listeners, ("commit", on_commit)):
+        event.listen(engine, name, fn)
+    try:
+        with phase_timers(targets) as phases:
+            total = run(mailkey, pairs, 1)
+    finally:
+        for name, fn in (*listeners, ("commit", on_commit)):
+            event.remove(engine, name, fn)
+    count = len(pairs)
+    print(f"\nSQL per Mailkey refresh ({count} sequential refreshes):")
+    rows = [[k, len(v) / count, 1000 * sum(v) / len(v)] for k, v in stats.items()]
+    table(["statement", "per refresh", "mean ms"], rows)
+    print(f"\nphases per Mailkey refresh ({1000 * total / count:.2f} ms per refresh in all):")
+    rows = [[k, calls / count, 1000 * spent / count] for k, (calls, spent) in phases.items()]
+    table(["phase", "calls", "ms per refresh"], rows)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=500, help="refreshes per measurement")
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--profile", action="store_true", help="explain Mailkey's costs regardless")
+    parser.add_argument(
+        "--latency-ms", type=float, default=0, help="add this delay to every token answer"
+    )
+    parser.add_argument(
+        "--provider-as-shipped", action="store_true", help="keep the fixture's ~40 ms stall"
+    )
+    args = parser.parse_args()
+
+    with local_provider(nodelay=not args.provider_as_shipped) as provider:
+        with bench_app("refresh", 9, lambda _: provider_env(provider)) as (app, _env):
+            with app.app_context():
+                pairs = create_tokens(provider, args.tokens)
+            local = threading.local()
+            form = {"client_id": provider.client_id, "client_secret": provider.client_secret}
+
+            def bare(pair: tuple[int, str]) -> None:
+                if not hasattr(local, "http"):
+                    local.http = requests.Session()
+                response = local.http.post(
+                    provider.url("token"),
+                    data={"grant_type": "refresh_token", "refresh_token": pair[1], **form},
+                    headers={"Accept": "application/json"},
+                    timeout=10,
+                )
+                assert response.status_code == 200 and response.json()["access_token"]
+
+            def mailkey(pair: tuple[int, str]) -> None:
+                with app.app_context():
+                    assert refresh_token(pair[0], trigger="bench", force=True).refreshed
+
+            for fn in (bare, mailkey):  # warm-up: connections, pools, caches
+                run(fn, pairs[:20], 1)
+            best: dict[tuple[str, int], float] = {}
+            calls_before = provider.calls["token"]
+            for _ in range(args.repeats):
+                for threads in (1, args.threads):
+                    for name, fn in (("bare", bare), ("mailkey", mailkey)):
+                        if args.latency_ms:  # each token request waits, then is answered
+                            delay = ScriptedResponse(delay=args.latency_ms / 1000)
+                            provider.script("token", *[delay] * len(pairs))
+                        seconds = run(fn, pairs, threads)
+                        best[name, threads] = min(best.get((name, threads), seconds), seconds)
+            with app.app_context():
+                attempts = db.session.scalar(
+                    select(func.count()).where(TokenRefreshAttempt.outcome == "success")
+                )
+            expected = 2 * 2 * args.repeats * args.tokens
+            latency = f", provider +{args.latency_ms:g} ms" if args.latency_ms else ""
+            print(
+                f"\n{args.tokens:,} refreshes per run, best of {args.repeats}{latency}; token "
+                f"calls {provider.calls['token'] - calls_before:,} (expected {expected:,}), "
+                f"successful attempts recorded {attempts:,}, provider errors {len(provider.errors)}"
+            )
+            rows, ok = [], True
+            for threads in (1, args.threads):
+                mk, raw = best["mailkey", threads], best["bare", threads]
+                ratio = raw / mk
+                ok &= ratio >= TARGET
+                overhead = (mk - raw) / args.tokens * 1000 * threads
+                rows.append(
+                    [f"{threads} thread(s)", args.tokens / mk, args.tokens / raw, ratio, overhead]
+                )
+            table(["mode", "Mailkey/s", "bare/s", "ratio", "Mailkey extra ms/refresh"], rows)
+            print(f"target ratio >= {TARGET} in both modes")
+            verdict("refresh service vs bare HTTP", ok)
+
+            if args.profile or not ok:
+                explain_costs(app, mailkey, pairs[: max(50, args.tokens // 5)])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,228 @@
+"""Benchmark a fleet refresh: 10,000 due tokens, beat's fan-out, two real Celery workers.
+
+All tokens expired (expires_at in the past). This process runs the local OAuth provider
+and calls tasks.refresh.refresh_expiring_tokens() in the app context, as the worker that
+beat hands it to would; two `celery -A tasks worker` subprocesses (same environment, so
+their Flask app is built from the same DATABASE_URL, REDIS_URL, keys and provider URLs)
+run the per-token tasks. Measured until every token has a successful refresh attempt:
+wall time, tokens/s, the provider's peak requests/s (sampled every 0.1 s), Redis
+used_memory (server-wide) and tokens refreshed more than once (must be 0).
+Target: >= 100 tokens/s.
+
+    .venv/bin/python bench/refresh_fleet.py [--tokens 10000] [--rate 200] [--pool threads]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from _common import ROOT, Timer, bench_app, local_provider, provider_env, table, verdict
+from sqlalchemy import func, select
+
+from tests.support.mailserver import group_pids
+from webapp.extensions import db, redis_store
+from webapp.models import TokenRefreshAttempt, UserEmailToken, utcnow
+from webapp.services.tokens import store_secrets
+
+TARGET = 100.0
+SCOPE = "openid email https://mail.google.com/"
+
+
+def create_due_tokens(provider: object, count: int) -> None:
+    past = utcnow() - timedelta(minutes=5)
+    for i in range(count):
+        address = f"fleet{i}@example.com"
+        issued = provider.issue_tokens_for(address, scope=SCOPE)  # type: ignore[attr-defined]
+        token = UserEmailToken(
+            organization_id=1 + i % 10, user_id=i, provider="google", email_address=address,
+            status="active", scopes=SCOPE, expires_at=past,
+        )  # fmt: skip
+        store_secrets(token, issued["access_token"], issued["refresh_token"])
+        db.session.add(token)
+    db.session.commit()
+
+
+def start_workers(env: dict[str, str], args: argparse.Namespace, logdir: str) -> list:
+    workers = []
+    for n in range(args.workers):
+        log = open(Path(logdir) / f"worker{n}.log", "w")  # noqa: SIM115 - closed with the run
+        command = [str(ROOT / ".venv/bin/celery"), "-A", "tasks", "worker", f"--pool={args.pool}"]
+        command += ["-c", str(args.concurrency), "-n", f"bench{n}@%h", "--loglevel=WARNING"]
+        workers.append(
+            subprocess.Popen(
+                command,
+                env={**os.environ, **env},
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )  # fmt: skip
+        )
+    return workers
+
+
+def stop_workers(workers: list) -> None:
+    for proc in workers:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in workers:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what we started
+            proc.wait()
+
+
+def cpu_seconds(workers: list) -> float:
+    """User + system CPU of every process in the workers' process groups (pool children too)."""
+    total = 0
+    for proc in workers:
+        for pid in group_pids(proc.pid):
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def sample(provider: object, redis_client: object, samples: list, stop: threading.Event) -> None:
+    while not stop.is_set():
+        memory = redis_client.info("memory")["used_memory"]  # type: ignore[attr-defined]
+        samples.append((time.monotonic(), provider.calls["token"], memory))  # type: ignore[attr-defined]
+        stop.wait(0.1)
+
+
+def peak_rate(samples: list) -> float:
+    """Highest request rate over any ~1 s window of the samples."""
+    best, j = 0.0, 0
+    for i, (t, calls, _) in enumerate(samples):
+        while t - samples[j][0] > 1.0:
+            j += 1
+        if i > j and t - samples[j][0] >= 0.9:
+            best = max(best, (calls - samples[j][1]) / (t - samples[j][0]))
+    return best
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=10_000)
+    parser.add_argument("--rate", type=int, default=200, help="REFRESH_FANOUT_RATE (tokens/s)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument("--pool", choices=("threads", "prefork"), default="threads")
+    parser.add_argument("--timeout", type=float, default=600)
+    parser.add_argument("--profile", action="store_true", help="profile the fan-out regardless")
+    parser.add_argument("--profile-tasks", type=int, default=2000)
+    args = parser.parse_args()
+
+    with (
+        local_provider() as provider,
+        tempfile.TemporaryDirectory(prefix="mailkey-bench-fleet-") as logdir,
+        bench_app(
+            "refresh_fleet",
+            10,
+            lambda _: {**provider_env(provider), "REFRESH_FANOUT_RATE": str(args.rate)},
+        ) as (app, env),
+        app.app_context(),
+    ):
+        with Timer() as seeding:
+            create_due_tokens(provider, args.tokens)
+        print(f"created {args.tokens:,} due tokens in {seeding.seconds:.1f} s")
+        workers = start_workers(env, args, logdir)
+        try:
+            celery = app.extensions["celery"]
+            deadline = time.monotonic() + 90
+            while len(celery.control.ping(timeout=1.0)) < args.workers:
+                if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
+                    print("workers did not start:\n" + (Path(logdir) / "worker0.log").read_text())
+                    return 0
+            redis_client = redis_store.client
+            memory_before = redis_client.info("memory")["used_memory"]
+            cpu_before = cpu_seconds(workers)
+            samples: list = []
+            stop = threading.Event()
+            sampler = threading.Thread(target=sample, args=(provider, redis_client, samples, stop))
+            sampler.start()
+
+            from tasks.refresh import refresh_expiring_tokens
+
+            started = datetime.now(UTC)
+            with Timer() as fanout:
+                enqueued = refresh_expiring_tokens()
+            done, deadline = 0, time.monotonic() + args.timeout
+            count_done = select(func.count(func.distinct(TokenRefreshAttempt.token_id))).where(
+                TokenRefreshAttempt.outcome == "success"
+            )
+            while done < args.tokens and time.monotonic() < deadline:
+                time.sleep(0.5)
+                done = db.session.scalar(count_done) or 0
+                db.session.rollback()
+            stop.set()
+            sampler.join()
+            finished = db.session.scalar(select(func.max(TokenRefreshAttempt.finished_at)))
+            memory_after = redis_client.info("memory")["used_memory"]
+            worker_cpu = cpu_seconds(workers) - cpu_before
+        finally:
+            stop_workers(workers)
+        repeated = db.session.scalar(
+            select(func.count()).select_from(
+                select(TokenRefreshAttempt.token_id)
+                .group_by(TokenRefreshAttempt.token_id)
+                .having(func.count() > 1)
+                .subquery()
+            )
+        )
+        failures = db.session.scalar(
+            select(func.count()).where(TokenRefreshAttempt.outcome != "success")
+        )
+        wall = (finished - started).total_seconds() if finished else float("nan")
+        rate = done / wall if done == args.tokens else 0.0
+        mib = 1024 * 1024
+        print(
+            f"\n{args.workers} workers x {args.concurrency} ({args.pool}), "
+            f"REFRESH_FANOUT_RATE={args.rate}/s"
+        )
+        table(
+            ["measure", "value"],
+            [
+                ["tokens due / enqueued by the fan-out", f"{args.tokens:,} / {enqueued:,}"],
+                ["fan-out call (select + SET NX + apply_async) (s)", fanout.seconds],
+                ["tokens with a successful refresh", done],
+                ["wall: fan-out start -> last refresh (s)", wall],
+                ["tokens/s", rate],
+                ["floor set by the fan-out spread: tokens / rate (s)", args.tokens / args.rate],
+                ["last task due (fan-out time + (tokens-1) / rate) (s)",
+                 fanout.seconds + (args.tokens - 1) / args.rate],
+                ["provider token calls / peak requests/s (1 s window)",
+                 f"{provider.calls['token']:,} / {peak_rate(samples):,.0f}"],
+                ["Redis used_memory before / peak / after (MiB)",
+                 f"{memory_before / mib:.1f} / {max(m for *_, m in samples) / mib:.1f} / "
+                 f"{memory_after / mib:.1f}"],
+                ["worker CPU per refreshed token (ms)", 1000 * worker_cpu / max(1, done)],
+                [f"worker CPU used during the run (cores, of {os.cpu_count()})",
+                 worker_cpu / wall],
+                ["attempts not successful", failures],
+                ["tokens refreshed more than once (must be 0)", repeated],
+            ],
+        )  # fmt: skip
+        print(f"target >= {TARGET:.0f} tokens/s and no token refreshed twice")
+        verdict("fleet refresh", rate >= TARGET and repeated == 0 and done == args.tokens)
+        if args.profile or rate < TARGET:
+            from _fanout_profile import profile_fanout
+
+            ids = list(db.session.scalars(select(UserEmailToken.id).limit(args.profile_tasks)))
+            profile_fanout(ids, args.rate)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
