@@ -7,10 +7,9 @@
 2. `python -m flask keys rotate` (a subprocess, as an operator runs it) over --rows
    user_email_tokens rows (both ciphertext columns) from key A to key B on PostgreSQL.
    Target: >= 5,000 token rows/s. Tokens are --access-chars / --refresh-chars long
-   (default 2048 / 512: Microsoft-sized, TOASTed by PostgreSQL). On a miss (or --profile)
-   bench/_rotation_profile.py times rotate_column per phase against alternative UPDATEs.
+   (default 2048 / 512: Microsoft-sized, TOASTed by PostgreSQL).
 
-    .venv/bin/python bench/crypto.py [--rows 100000] [--access-chars 2048] [--profile]
+    .venv/bin/python bench/crypto.py [--rows 100000] [--access-chars 2048]
 """
 
 from __future__ import annotations
@@ -134,8 +133,6 @@ def main() -> int:
     parser.add_argument("--access-chars", type=int, default=2048)
     parser.add_argument("--refresh-chars", type=int, default=512)
     parser.add_argument("--batch-size", type=int, default=500, help="flask keys rotate batch")
-    parser.add_argument("--profile", action="store_true", help="profile rotation regardless")
-    parser.add_argument("--profile-rows", type=int, default=20000, help="rows per variant")
     args = parser.parse_args()
 
     with bench_app("crypto", 8) as (app, env), app.app_context():
@@ -187,10 +184,6 @@ def main() -> int:
         rate = args.rows / seconds
         print(f"target >= {ROWS_TARGET:,.0f} token rows/s (wall)")
         verdict("flask keys rotate", rate >= ROWS_TARGET and moved == (args.rows, args.rows))
-        if args.profile or rate < ROWS_TARGET:
-            from _rotation_profile import profile_rotation
-
-            profile_rotation(env, new_keys, args.batch_size, min(args.profile_rows, args.rows))
     return 0
 
 

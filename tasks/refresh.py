@@ -26,6 +26,7 @@ log = logging.getLogger("mailkey.tasks.refresh")
 
 QUEUED_KEY = "mailkey:refresh:queued:{}"
 QUEUED_TTL = 300  # a marker lost with a killed worker frees its token within 5 minutes
+FANOUT_BATCH = 25  # tokens per fan-out task
 RETRY_BASE = 2
 RETRY_CAP = 300  # far below the broker's visibility_timeout (3600 s)
 
@@ -36,38 +37,66 @@ def retry_countdown(retries: int, retry_after: float | None) -> float:
     return float(min(RETRY_CAP, max(backoff, retry_after or 0)))
 
 
-@shared_task(bind=True, max_retries=3, acks_late=True)
-def refresh_token(self: Any, token_id: int, force: bool = False) -> dict[str, Any]:
-    """Refresh one token if it is due (or always with force). Idempotent: a rerun of a
-    finished refresh finds the token fresh and skips."""
+def _refresh_once(token_id: int, force: bool) -> tuple[dict[str, Any], ProviderUnavailable | None]:
+    """One attempt; the outcome, and the transient error when it is worth a retry."""
     ahead = timedelta(seconds=current_app.config["REFRESH_AHEAD_SECONDS"])
     try:
         result = token_service.refresh_token(
             token_id, trigger="task", force=force, ahead=max(ahead, token_service.MIN_VALIDITY)
         )
     except ProviderUnavailable as exc:
-        retry_after = getattr(exc, "provider_retry_after", None)
-        if self.request.retries >= self.max_retries:
-            _clear_marker(token_id)
-            log.warning(
-                "refresh_gave_up",
-                extra={"event": "refresh_gave_up", "token_id": token_id, "reason": exc.reason},
-            )
-            return {"token_id": token_id, "outcome": "transient_error", "reason": exc.reason}
-        raise self.retry(
-            exc=exc, countdown=retry_countdown(self.request.retries, retry_after)
-        ) from None
+        return {"token_id": token_id, "outcome": "transient_error", "reason": exc.reason}, exc
     except (NeedsReauth, TokenRevoked) as exc:
-        _clear_marker(token_id)
-        return {"token_id": token_id, "outcome": exc.code, "reason": exc.reason}
+        outcome: dict[str, Any] = {"outcome": exc.code, "reason": exc.reason}
     except ProviderConfigError as exc:
-        _clear_marker(token_id)
-        return {"token_id": token_id, "outcome": "config_error", "reason": exc.reason}
+        outcome = {"outcome": "config_error", "reason": exc.reason}
     except NotFound:
-        _clear_marker(token_id)
-        return {"token_id": token_id, "outcome": "not_found"}
+        outcome = {"outcome": "not_found"}
+    else:
+        outcome = {"outcome": "refreshed" if result.refreshed else "skipped"}
     _clear_marker(token_id)
-    return {"token_id": token_id, "outcome": "refreshed" if result.refreshed else "skipped"}
+    return {"token_id": token_id, **outcome}, None
+
+
+@shared_task(bind=True, max_retries=3, acks_late=True)
+def refresh_token(self: Any, token_id: int, force: bool = False) -> dict[str, Any]:
+    """Refresh one token if it is due (or always with force). Idempotent: a rerun of a
+    finished refresh finds the token fresh and skips. Transient provider errors retry
+    after 2, 4 and 8 s (or the provider's longer Retry-After); others end the task."""
+    outcome, transient = _refresh_once(token_id, force)
+    if transient is None:
+        return outcome
+    if self.request.retries >= self.max_retries:
+        _clear_marker(token_id)
+        log.warning(
+            "refresh_gave_up",
+            extra={"event": "refresh_gave_up", "token_id": token_id, "reason": transient.reason},
+        )
+        return outcome
+    retry_after = getattr(transient, "provider_retry_after", None)
+    raise self.retry(
+        exc=transient, countdown=retry_countdown(self.request.retries, retry_after)
+    ) from None
+
+
+@shared_task(acks_late=True)
+def refresh_tokens(token_ids: list[int], force: bool = False) -> dict[str, int]:
+    """Fan-out batch: refresh each token in turn, under the same per-token lock. A token
+    that fails transiently is handed to `refresh_token` as its first retry (after 2 s,
+    then 4 and 8), so the retry rule is the single task's."""
+    counts: dict[str, int] = {}
+    for token_id in token_ids:
+        outcome, transient = _refresh_once(token_id, force)
+        counts[outcome["outcome"]] = counts.get(outcome["outcome"], 0) + 1
+        if transient is not None:
+            retry_after = getattr(transient, "provider_retry_after", None)
+            refresh_token.apply_async(
+                args=[token_id, force],
+                countdown=retry_countdown(0, retry_after),
+                retries=1,
+                ignore_result=True,
+            )
+    return counts
 
 
 def _clear_marker(token_id: int) -> None:
@@ -83,12 +112,12 @@ def enqueue_refreshes(token_ids: list[int], *, force: bool, task_name: str) -> i
     for token_id in token_ids:
         pipe.set(QUEUED_KEY.format(token_id), "1", nx=True, ex=QUEUED_TTL)
     claimed = [tid for tid, ok in zip(token_ids, pipe.execute(), strict=True) if ok]
+    # One clock for the whole spread, batches of FANOUT_BATCH tokens per task (cheap to
+    # send at fleet scale), and no stored result: nobody reads it.
     start = datetime.now(UTC)
-    # One clock for the whole spread (a countdown would also add each send's own time),
-    # and no stored result: nobody reads it, and at fleet scale it would fill Redis.
-    for index, token_id in enumerate(claimed):
-        refresh_token.apply_async(
-            args=[token_id, force],
+    for index in range(0, len(claimed), FANOUT_BATCH):
+        refresh_tokens.apply_async(
+            args=[claimed[index : index + FANOUT_BATCH], force],
             eta=start + timedelta(seconds=index / rate),
             ignore_result=True,
         )

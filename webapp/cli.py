@@ -43,28 +43,16 @@ def rotate_command(dry_run: bool, batch_size: int) -> None:
 
     from webapp.services.keys import (
         COLUMNS,
+        TABLES,
         RotationReport,
         count_encrypted,
         count_stale,
-        rotate_column,
+        count_stale_rows,
+        rotate_table,
     )
 
-    console = Console(stderr=True)
-    report = RotationReport()
     totals = {spec.name: count_stale(spec) for spec in COLUMNS}
     already_current = sum(count_encrypted(spec) for spec in COLUMNS) - sum(totals.values())
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=console,
-        disable=dry_run,
-    ) as progress:
-        for spec in COLUMNS:
-            bar = progress.add_task(spec.name, total=totals[spec.name])
-            for handled in rotate_column(spec, report, batch_size, dry_run):
-                progress.advance(bar, handled)
     if dry_run:
         for name, total in totals.items():
             click.echo(f"{name}: {total} to re-encrypt")
@@ -73,6 +61,13 @@ def rotate_command(dry_run: bool, batch_size: int) -> None:
             f"{already_current} already current"
         )
         return
+    report = RotationReport()
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True)) as progress:
+        for table in TABLES:
+            bar = progress.add_task(table.model.__tablename__, total=count_stale_rows(table))
+            for handled in rotate_table(table, report, batch_size):
+                progress.advance(bar, handled)
     click.echo(
         f"rotated {report.rotated}, already current {already_current}, failed {report.failed_count}"
     )

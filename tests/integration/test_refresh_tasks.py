@@ -176,3 +176,27 @@ def test_keep_alive_picks_idle_tokens_only(client, auth_headers, oauth_provider)
     assert refresh_tasks.keep_tokens_alive() == 1
     _wait_for(lambda: len(_attempts(idle)) == 1)
     assert _attempts(used) == [] and _attempts(refreshed) == []
+
+
+def test_fanout_batch_hands_a_transient_failure_to_the_retrying_task(
+    client, auth_headers, oauth_provider
+):
+    token_id = _connect_many(client, auth_headers(), oauth_provider, 1)[0]
+    db.session.execute(sa.update(UserEmailToken).values(expires_at=utcnow() + timedelta(minutes=1)))
+    db.session.commit()
+    oauth_provider.script(
+        "token",
+        ScriptedResponse(status=502, body="bad gateway"),
+        ScriptedResponse(status=503, body="down"),
+    )
+    assert refresh_tasks.refresh_expiring_tokens() == 1
+    _wait_for(lambda: len(_attempts(token_id)) == 3)
+    first, second, third = _attempts(token_id)
+    assert [first.outcome, second.outcome, third.outcome] == [
+        "transient_error",
+        "transient_error",
+        "success",
+    ]
+    assert 1.8 <= (second.started_at - first.started_at).total_seconds() <= 3.5
+    assert 3.8 <= (third.started_at - second.started_at).total_seconds() <= 5.5
+    _wait_for(lambda: not redis_store.client.exists(refresh_tasks.QUEUED_KEY.format(token_id)))
