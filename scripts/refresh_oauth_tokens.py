@@ -31,16 +31,14 @@ from webapp.cli_support import (
     non_negative_int,
     positive_int,
     print_json,
-    report,
-    run_each,
     run_in_app,
     stdout_console,
+    work_or_enqueue,
 )
 from webapp.errors import MailkeyError, NeedsReauth, TokenRevoked
 from webapp.extensions import db
 from webapp.models import TOKEN_STATUSES_REPORTED, UserEmailToken, utcnow
 from webapp.providers import PROVIDER_NAMES
-from webapp.services.queue import enqueue
 from webapp.services.tokens import refresh_token, status_filter
 
 log = logging.getLogger("mailkey.cli.refresh")
@@ -186,15 +184,6 @@ def refresh_one(token_id: int) -> Outcome:
     return Outcome(token_id, "refreshed" if result.refreshed else "skipped")
 
 
-def enqueue_one(token_id: int) -> Outcome:
-    try:
-        enqueue(REFRESH_TASK, token_id, True)
-    except Exception as exc:
-        log.exception("cli_enqueue_failed", extra={"event": "cli_enqueue_failed"})
-        return Outcome(token_id, "failed", describe(exc))
-    return Outcome(token_id, "enqueued")
-
-
 def run(args: argparse.Namespace) -> int:
     now = utcnow()
     tokens = select_tokens(args, now)
@@ -204,19 +193,15 @@ def run(args: argparse.Namespace) -> int:
     if args.list or args.dry_run:
         show_tokens(tokens, now, args)
         return OK
-    addresses = {token.id: token.email_address for token in tokens}
-    if args.enqueue:
-        outcomes = run_each(list(addresses), enqueue_one, "Enqueueing")
-        keys: tuple[str, ...] = ("enqueued", "failed")
-    else:
-        outcomes = run_each(list(addresses), refresh_one, "Refreshing")
-        keys = OUTCOMES
-    return report(
-        outcomes,
-        keys,
+    return work_or_enqueue(
+        {token.id: token.email_address for token in tokens},
+        enqueue_task=REFRESH_TASK if args.enqueue else None,
+        enqueue_args=(True,),
+        work=refresh_one,
+        label="Refreshing",
+        keys=OUTCOMES,
         as_json=args.json,
         noun="token",
-        names=addresses,
         labels=LABELS,
         failing=("failed", "needs_reauth"),
     )

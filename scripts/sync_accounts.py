@@ -26,15 +26,13 @@ from webapp.cli_support import (
     describe,
     positive_int,
     print_json,
-    report,
-    run_each,
     run_in_app,
     stdout_console,
+    work_or_enqueue,
 )
 from webapp.extensions import db
 from webapp.models import MailAccount
 from webapp.services import sync as sync_service
-from webapp.services.queue import enqueue
 
 log = logging.getLogger("mailkey.cli.sync")
 SYNC_TASK = "tasks.sync.sync_account"
@@ -110,14 +108,6 @@ def sync_one(account_id: int) -> Outcome:
     return Outcome(account_id, "synced")
 
 
-def enqueue_one(account_id: int) -> Outcome:
-    try:
-        enqueue(SYNC_TASK, account_id)
-    except Exception as exc:
-        return Outcome(account_id, "failed", describe(exc))
-    return Outcome(account_id, "enqueued")
-
-
 def run(args: argparse.Namespace) -> int:
     accounts = select_accounts(args)
     if args.account_id is not None and not accounts:
@@ -126,14 +116,15 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:
         show(accounts, args.json)
         return OK
-    names = {account.id: account.email_address for account in accounts}
-    if args.enqueue:
-        outcomes = run_each(list(names), enqueue_one, "Enqueueing")
-        keys: tuple[str, ...] = ("enqueued", "failed")
-    else:
-        outcomes = run_each(list(names), sync_one, "Syncing")
-        keys = OUTCOMES
-    return report(outcomes, keys, as_json=args.json, noun="account", names=names)
+    return work_or_enqueue(
+        {account.id: account.email_address for account in accounts},
+        enqueue_task=SYNC_TASK if args.enqueue else None,
+        work=sync_one,
+        label="Syncing",
+        keys=OUTCOMES,
+        as_json=args.json,
+        noun="account",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -36,7 +36,10 @@ def generate_command() -> None:
 @keys_cli.command("rotate")
 @click.option("--dry-run", is_flag=True, help="Only count what would be re-encrypted.")
 @click.option("--batch-size", type=click.IntRange(1, 10000), default=500, show_default=True)
-def rotate_command(dry_run: bool, batch_size: int) -> None:
+@click.option(
+    "--jobs", type=click.IntRange(1, 16), default=2, show_default=True, help="Parallel processes."
+)
+def rotate_command(dry_run: bool, batch_size: int, jobs: int) -> None:
     """Re-encrypt every ciphertext not under the current keys (batched, resumable)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -44,11 +47,10 @@ def rotate_command(dry_run: bool, batch_size: int) -> None:
     from webapp.services.keys import (
         COLUMNS,
         TABLES,
-        RotationReport,
         count_encrypted,
         count_stale,
         count_stale_rows,
-        rotate_table,
+        rotate_all,
     )
 
     totals = {spec.name: count_stale(spec) for spec in COLUMNS}
@@ -61,13 +63,15 @@ def rotate_command(dry_run: bool, batch_size: int) -> None:
             f"{already_current} already current"
         )
         return
-    report = RotationReport()
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn())
     with Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True)) as progress:
-        for table in TABLES:
-            bar = progress.add_task(table.model.__tablename__, total=count_stale_rows(table))
-            for handled in rotate_table(table, report, batch_size):
-                progress.advance(bar, handled)
+        bars = {
+            table.model.__tablename__: progress.add_task(
+                table.model.__tablename__, total=count_stale_rows(table)
+            )
+            for table in TABLES
+        }
+        report = rotate_all(batch_size, jobs, lambda name, rows: progress.advance(bars[name], rows))
     click.echo(
         f"rotated {report.rotated}, already current {already_current}, failed {report.failed_count}"
     )

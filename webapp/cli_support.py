@@ -127,6 +127,43 @@ def report(
     return FAILED if any(counts[key] for key in failing) else OK
 
 
+def enqueue_one(task_name: str, item: int, *args: Any) -> Outcome:
+    from webapp.services.queue import enqueue
+
+    try:
+        enqueue(task_name, item, *args)
+    except Exception as exc:
+        return Outcome(item, "failed", describe(exc))
+    return Outcome(item, "enqueued")
+
+
+def work_or_enqueue(
+    names: dict[int, str],
+    *,
+    enqueue_task: str | None,
+    enqueue_args: tuple[Any, ...] = (),
+    work: Callable[[int], Outcome],
+    label: str,
+    keys: Sequence[str],
+    as_json: bool,
+    noun: str,
+    labels: dict[str, str] | None = None,
+    failing: Sequence[str] = ("failed",),
+) -> int:
+    """Do the work in-process (or hand it to the workers), then report; the exit status."""
+    ids = list(names)
+    if enqueue_task:
+        outcomes = run_each(
+            ids, lambda item: enqueue_one(enqueue_task, item, *enqueue_args), "Enqueueing"
+        )
+        keys = ("enqueued", "failed")
+    else:
+        outcomes = run_each(ids, work, label)
+    return report(
+        outcomes, keys, as_json=as_json, noun=noun, names=names, labels=labels, failing=failing
+    )
+
+
 def run_in_app(run: Callable[[], int]) -> int:
     """Build the app from the environment and run inside its context."""
     from webapp import create_app

@@ -17,7 +17,7 @@ from webapp.models import UserEmailToken
 from webapp.services import tokens as token_service
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = 3000
+ROWS = 6000
 
 
 def _seed(count: int) -> None:
@@ -71,10 +71,10 @@ def test_rotation_killed_midway_then_rerun_leaves_every_row_readable_under_b(app
     assert f"{ROWS * 2} would be re-encrypted" in out
     assert _under(fp_b) == 0
 
-    first = _flask(env_b, "keys", "rotate", "--batch-size", "50")
+    first = _flask(env_b, "keys", "rotate", "--batch-size", "50", "--jobs", "2")
     deadline = time.monotonic() + 60
     while _under(fp_b) < 100 and time.monotonic() < deadline:
-        time.sleep(0.02)
+        time.sleep(0.005)
     first.send_signal(signal.SIGKILL)
     first.communicate(timeout=30)
     midway = _under(fp_b)
