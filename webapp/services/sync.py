@@ -12,23 +12,29 @@ already stored, so a sync killed half-way resumes where it stopped.
 from __future__ import annotations
 
 import logging
-import re
+import queue
+import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from email.header import decode_header, make_header
+from datetime import datetime, timedelta
 from typing import Any
 
 from flask import current_app
 from imapclient import IMAPClient
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, select, update
 
 from webapp.crypto import encrypt_field
 from webapp.errors import NeedsReauth, TokenRevoked
 from webapp.extensions import db, redis_store
 from webapp.metrics import MESSAGES_SYNCED_TOTAL, SYNC_RUNS_TOTAL, SYNC_SECONDS
 from webapp.models import MailAccount, MailFolder, MailMessage, SyncRun, utcnow
+from webapp.services.imapfetch import (
+    Fetched,
+    envelope,
+    fetch_new,
+    snippet_text,
+    split_headers,
+)
 from webapp.services.keys import snippet_aad
 from webapp.services.mailconn import MailAuthFailed, imap_session, is_transient
 
@@ -36,10 +42,8 @@ log = logging.getLogger("mailkey.sync")
 
 LOCK_KEY = "mailkey:lock:sync:{}"
 SYNC_TIME_LIMIT = 1800  # the sync task's hard limit; a lock or run older than this is stale
-SNIPPET_BYTES = 512
 FLAG_CHUNK = 1000
 SNIPPET_CHARS = 200
-WHITESPACE = re.compile(r"\s+")
 
 
 class SyncBusy(Exception):
@@ -263,63 +267,103 @@ def _modseq(info: dict[bytes, Any]) -> int | None:
 def _fetch_new(
     account: MailAccount, client: IMAPClient, folder: MailFolder, counts: Counts
 ) -> None:
+    """Fetch batches here while a writer thread stores the previous one: the IMAP
+    round trips and the database inserts overlap."""
     start = folder.highest_uid + 1
     uids = sorted(uid for uid in client.search(["UID", f"{start}:*"]) if uid >= start)
-    batch_size = current_app.config["SYNC_BATCH_SIZE"]
-    items = ["UID", "ENVELOPE", "FLAGS", "RFC822.SIZE", f"BODY.PEEK[1]<0.{SNIPPET_BYTES}>"]
-    for index in range(0, len(uids), batch_size):
-        batch = uids[index : index + batch_size]
-        response = client.fetch(batch, items)
-        rows = [_message_row(account, folder, uid, data) for uid, data in sorted(response.items())]
-        counts.new += _insert(rows)
-        folder.highest_uid = max(folder.highest_uid, batch[-1])
-        db.session.commit()
+    if not uids:
+        return
+    account_id, folder_id = account.id, folder.id
+    db.session.commit()  # the writer's own connection must see the folder row
+    writer = _BatchWriter(db.engine, folder_id)
+    try:
+        batch_size = current_app.config["SYNC_BATCH_SIZE"]
+        for index in range(0, len(uids), batch_size):
+            batch = uids[index : index + batch_size]
+            fetched = sorted(fetch_new(client, batch), key=lambda m: m.uid)
+            writer.put([_message_row(account_id, folder_id, m) for m in fetched], batch[-1])
+    finally:
+        counts.new += writer.close()
+    db.session.refresh(folder)
 
 
-def _insert(rows: list[dict[str, Any]]) -> int:
+class _BatchWriter:
+    """Stores batches on its own connection, each with the folder's new highest UID in
+    the same transaction, so a sync killed half-way resumes after the last stored one."""
+
+    def __init__(self, engine: Engine, folder_id: int) -> None:
+        self.engine, self.folder_id = engine, folder_id
+        self.batches: queue.Queue[tuple[list[dict[str, Any]], int] | None] = queue.Queue(2)
+        self.inserted = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sync-writer", daemon=True)
+        self.thread.start()
+
+    def put(self, rows: list[dict[str, Any]], highest_uid: int) -> None:
+        if self.error is not None:
+            raise self.error
+        self.batches.put((rows, highest_uid))
+
+    def close(self) -> int:
+        self.batches.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.inserted
+
+    def _run(self) -> None:
+        while (item := self.batches.get()) is not None:
+            if self.error is not None:
+                continue  # drain; the caller raises the first error
+            rows, highest_uid = item
+            try:
+                with self.engine.begin() as connection:
+                    self.inserted += _insert(connection, rows)
+                    connection.execute(
+                        update(MailFolder)
+                        .where(MailFolder.id == self.folder_id)
+                        .values(highest_uid=highest_uid)
+                    )
+            except BaseException as exc:  # handed to the caller's thread
+                self.error = exc
+
+
+def _insert(connection: Connection, rows: list[dict[str, Any]]) -> int:
     """Bulk insert, skipping rows a killed run already stored. Sent as one executemany
     of a one-row INSERT (pipelined by psycopg), not as a giant multi-VALUES statement
     that the driver would have to parse again for every batch."""
     if not rows:
         return 0
-    if db.engine.dialect.name == "postgresql":
+    if connection.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
     statement = insert(MailMessage).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
-    result = db.session.connection().execute(statement, rows)
+    result = connection.execute(statement, rows)
     return result.rowcount if result.rowcount >= 0 else len(rows)
 
 
-def _message_row(
-    account: MailAccount, folder: MailFolder, uid: int, data: dict[bytes, Any]
-) -> dict[str, Any]:
-    envelope = data.get(b"ENVELOPE")
-    snippet = _snippet(_body_part(data))
+def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str, Any]:
+    fields = split_headers(message.header)
+    headers = envelope(fields)
+    snippet = snippet_text(fields, message.body, SNIPPET_CHARS)
     return {
-        "account_id": account.id,
-        "folder_id": folder.id,
-        "uid": uid,
-        "message_id": _text(envelope.message_id) if envelope and envelope.message_id else None,
-        "subject": _header(envelope.subject) if envelope else None,
-        "from_address": next(iter(_addresses(envelope.from_ if envelope else None)), None),
-        "to_addresses": _addresses(envelope.to if envelope else None),
-        "cc_addresses": _addresses(envelope.cc if envelope else None),
-        "sent_at": _utc(envelope.date) if envelope else None,
-        "flags": [_text(flag) for flag in data.get(b"FLAGS", ())],
-        "size": data.get(b"RFC822.SIZE"),
+        "account_id": account_id,
+        "folder_id": folder_id,
+        "uid": message.uid,
+        "message_id": headers.message_id,
+        "subject": headers.subject,
+        "from_address": headers.from_address,
+        "to_addresses": headers.to_addresses,
+        "cc_addresses": headers.cc_addresses,
+        "sent_at": headers.sent_at,
+        "flags": message.flags,
+        "size": message.size,
         "snippet_encrypted": (
-            encrypt_field(snippet, "pii", snippet_aad(folder.id, uid)) if snippet else None
+            encrypt_field(snippet, "pii", snippet_aad(folder_id, message.uid)) if snippet else None
         ),
-        "modseq": int(data[b"MODSEQ"][0]) if b"MODSEQ" in data else None,
+        "modseq": message.modseq,
     }
-
-
-def _body_part(data: dict[bytes, Any]) -> bytes:
-    for key, value in data.items():
-        if key.startswith(b"BODY[1]") and isinstance(value, bytes):
-            return value
-    return b""
 
 
 def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore: bool) -> int:
@@ -388,34 +432,3 @@ def _text(value: Any) -> str:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     return str(value)
-
-
-def _header(value: Any) -> str | None:
-    if value is None:
-        return None
-    raw = _text(value)
-    try:
-        return str(make_header(decode_header(raw)))
-    except Exception:
-        return raw
-
-
-def _addresses(addresses: Iterable[Any] | None) -> list[str]:
-    result = []
-    for address in addresses or ():
-        if address.mailbox and address.host:
-            result.append(f"{_text(address.mailbox)}@{_text(address.host)}")
-    return result
-
-
-def _utc(value: datetime | None) -> datetime | None:
-    if value is None:
-        return None
-    if value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value.astimezone(UTC)
-
-
-def _snippet(body: bytes) -> str:
-    text = body.decode("utf-8", "replace")
-    return WHITESPACE.sub(" ", text).strip()[:SNIPPET_CHARS]

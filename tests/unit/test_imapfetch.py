@@ -1,0 +1,61 @@
+"""Parsing of the bulk IMAP fetch: header fields and readable snippets."""
+
+from __future__ import annotations
+
+import base64
+
+from webapp.services.imapfetch import _parse, envelope, snippet_text, split_headers
+
+
+def test_envelope_decodes_folded_encoded_headers_and_addresses():
+    header = (
+        b"Message-ID: <a@b>\r\nSubject: =?utf-8?q?caf=C3=A9?= and\r\n more\r\n"
+        b'From: "Doe, John" <john@x.org>\r\nTo: a@b.com, C <c@d.com>\r\nCc: e@f.org\r\n'
+        b"Date: Fri, 27 Nov 2026 07:00:00 +0100\r\n"
+    )
+    env = envelope(split_headers(header))
+    assert env.message_id == "<a@b>"
+    assert env.subject == "café and more"
+    assert env.from_address == "john@x.org"
+    assert env.to_addresses == ["a@b.com", "c@d.com"] and env.cc_addresses == ["e@f.org"]
+    assert env.sent_at.isoformat() == "2026-11-27T06:00:00+00:00"
+
+
+def test_envelope_tolerates_missing_and_broken_fields():
+    env = envelope(split_headers(b"Date: not a date\r\n"))
+    assert env.subject is None and env.from_address is None and env.sent_at is None
+
+
+def test_snippet_of_a_multipart_quoted_printable_message():
+    headers = split_headers(b'Content-Type: multipart/alternative; boundary="xyz"\r\n')
+    body = (
+        b"preamble\r\n--xyz\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        b"Content-Transfer-Encoding: quoted-printable\r\n\r\nCaf=C3=A9 au lait,\r\n  tomorrow?\r\n"
+        b"--xyz\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--xyz--"
+    )
+    assert snippet_text(headers, body) == "Café au lait, tomorrow?"
+
+
+def test_snippet_of_base64_html_even_when_cut_off():
+    headers = split_headers(
+        b"Content-Type: text/html; charset=utf-8\r\nContent-Transfer-Encoding: base64\r\n"
+    )
+    encoded = base64.encodebytes(b"<p>Hello <b>world</b></p>")
+    assert snippet_text(headers, encoded) == "Hello world"
+    assert snippet_text(headers, encoded[:20]).startswith("Hello")
+
+
+def test_parse_splits_prefix_into_header_and_body():
+    data = [
+        (
+            b"1 (UID 7 FLAGS (\\Seen \\Flagged) RFC822.SIZE 1500 BODY[]<0> {40}",
+            b"Subject: hi\r\nTo: a@b.com\r\n\r\nbody text",
+        ),
+        b")",
+        (b"2 (UID 9 FLAGS () RFC822.SIZE 20 MODSEQ (12) BODY[]<0> {11}", b"no-break-hd"),
+        b")",
+    ]
+    first, second = _parse(data)
+    assert (first.uid, first.flags, first.size) == (7, ["\\Seen", "\\Flagged"], 1500)
+    assert first.header.startswith(b"Subject: hi") and first.body == b"body text"
+    assert second.uid == 9 and second.modseq == 12 and second.header == b""
