@@ -138,10 +138,6 @@ class HostNotAllowed(MailkeyError):
     code, status, message = "host_not_allowed", 422, "that mail host is not allowed"
 
 
-class NotReady(MailkeyError):
-    code, status, message = "not_ready", 503, "not ready"
-
-
 def error_response(
     status: int,
     code: str,

@@ -200,3 +200,18 @@ def test_fanout_batch_hands_a_transient_failure_to_the_retrying_task(
     assert 1.8 <= (second.started_at - first.started_at).total_seconds() <= 3.5
     assert 3.8 <= (third.started_at - second.started_at).total_seconds() <= 5.5
     _wait_for(lambda: not redis_store.client.exists(refresh_tasks.QUEUED_KEY.format(token_id)))
+
+
+def test_async_refresh_runs_on_the_worker(client, auth_headers, oauth_provider):
+    token_id = _connect_many(client, auth_headers(), oauth_provider, 1)[0]
+    response = client.post(
+        f"/api/v1/oauth/tokens/{token_id}/refresh?async=true", headers=auth_headers()
+    )
+    assert response.status_code == 202 and response.json["task_id"]
+    _wait_for(lambda: len(_attempts(token_id)) == 1)
+    assert _attempts(token_id)[0].outcome == "success"
+    client.post(f"/api/v1/oauth/tokens/{token_id}/revoke", headers=auth_headers())
+    revoked = client.post(
+        f"/api/v1/oauth/tokens/{token_id}/refresh?async=true", headers=auth_headers()
+    )
+    assert revoked.status_code == 409 and revoked.json["error"]["code"] == "token_revoked"

@@ -125,7 +125,7 @@ def mark_needs_reauth(token: UserEmailToken, reason: str) -> None:
     _pause_accounts(token.id, f"token needs re-authorization ({reason})")
 
 
-def _ensure_usable(token: UserEmailToken) -> None:
+def ensure_usable(token: UserEmailToken) -> None:
     if token.status == "revoked":
         raise TokenRevoked(reason=token.status_reason or "revoked")
     if token.status == "needs_reauth":
@@ -180,7 +180,7 @@ def refresh_token(
         token = db.session.get(UserEmailToken, token_id, populate_existing=True)
         if token is None:
             raise NotFound("no such token")
-        _ensure_usable(token)
+        ensure_usable(token)
         if token.last_refreshed_at and token.last_refreshed_at >= requested_at:
             return RefreshResult(token, refreshed=False)
         if not force and token.expires_at and token.expires_at - utcnow() > ahead:
@@ -298,7 +298,7 @@ def get_valid_access_token(token_id: int, *, force_refresh: bool = False) -> str
     token = db.session.get(UserEmailToken, token_id, populate_existing=True)
     if token is None:
         raise NotFound("no such token")
-    _ensure_usable(token)
+    ensure_usable(token)
     stale = token.expires_at is None or token.expires_at - utcnow() < MIN_VALIDITY
     if force_refresh or stale:
         token = refresh_token(token_id, trigger="use", force=force_refresh).token

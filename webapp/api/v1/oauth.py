@@ -131,7 +131,8 @@ def refresh(token_id: int, run_async: bool = False) -> Any:
     """Refresh now (or enqueue with ?async=true)."""
     token = token_service.get_owned_token(current_principal().owner, token_id)
     if run_async:
-        queued = jsonify({"task_id": enqueue("tasks.refresh.refresh_token", token.id)})
+        token_service.ensure_usable(token)  # 409 now rather than a silent task
+        queued = jsonify({"task_id": enqueue("tasks.refresh.refresh_token", token.id, True)})
         queued.status_code = 202
         return queued
     return token_service.refresh_token(token.id, trigger="api").token
