@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 export FLASK_APP := webapp:create_app
 
-.PHONY: install run test lint migrate bench clean
+.PHONY: install system-deps run test lint migrate bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,13 +16,16 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+system-deps:
+	@scripts/install_system_deps.sh
+
 run: install
 	@scripts/run.sh
 
 migrate: install
 	$(BIN)/flask db upgrade
 
-test: install
+test: install system-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 lint: install
