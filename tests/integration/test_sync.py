@@ -241,3 +241,52 @@ def test_private_hosts_and_odd_ports_are_refused_when_not_allowed(base_env, make
             headers=headers,
         )
         assert odd.json["error"]["code"] == "host_not_allowed"
+
+
+def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
+    """COPY stores a batch at once; a batch that overlaps stored rows falls back to
+    INSERT ... ON CONFLICT DO NOTHING, and the folder's highest UID moves with it."""
+    from webapp.models import MailFolder
+    from webapp.services.sync import _BatchWriter
+
+    account = MailAccount(
+        organization_id=1,
+        user_id=1,
+        email_address="w@example.com",
+        provider="custom",
+        incoming_auth_method="password",
+        incoming_server="imap.example.com",
+        incoming_port=993,
+    )
+    db.session.add(account)
+    db.session.flush()
+    folder = MailFolder(account_id=account.id, name="INBOX", flags=[], highest_uid=0)
+    db.session.add(folder)
+    db.session.commit()
+
+    def row(uid: int) -> dict:
+        return {
+            "account_id": account.id,
+            "folder_id": folder.id,
+            "uid": uid,
+            "message_id": f"<{uid}@x>",
+            "subject": f"s{uid}",
+            "from_address": "a@x",
+            "to_addresses": ["b@x"],
+            "cc_addresses": [],
+            "sent_at": utcnow(),
+            "flags": ["\\Seen"],
+            "size": 10,
+            "snippet_encrypted": None,
+            "modseq": None,
+        }
+
+    writer = _BatchWriter(db.engine, folder.id)
+    writer.put([row(1), row(2)], 2)
+    writer.put([row(2), row(3)], 3)  # uid 2 again: as after a kill between commit and ack
+    assert writer.close() == 3
+    db.session.expire_all()
+    stored = db.session.scalars(sa.select(MailMessage).order_by(MailMessage.uid)).all()
+    assert [m.uid for m in stored] == [1, 2, 3]
+    assert stored[0].to_addresses == ["b@x"] and stored[0].flags == ["\\Seen"]
+    assert db.session.get(MailFolder, folder.id).highest_uid == 3

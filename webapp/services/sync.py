@@ -329,18 +329,26 @@ class _BatchWriter:
 
 
 def _insert(connection: Connection, rows: list[dict[str, Any]]) -> int:
-    """Bulk insert, skipping rows a killed run already stored. Sent as one executemany
-    of a one-row INSERT (pipelined by psycopg), not as a giant multi-VALUES statement
-    that the driver would have to parse again for every batch."""
+    """Bulk insert, skipping rows a killed run already stored; the count of new rows.
+
+    One executemany of a one-row INSERT (pipelined by psycopg), not a giant
+    multi-VALUES statement the driver would parse again for every batch. Its
+    rowcount is not the number of rows inserted, so that is counted first."""
     if not rows:
         return 0
     if connection.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
     else:
         from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+    folder_id = rows[0]["folder_id"]
+    stored = connection.scalar(
+        select(func.count())
+        .select_from(MailMessage)
+        .where(MailMessage.folder_id == folder_id, MailMessage.uid.in_([r["uid"] for r in rows]))
+    )
     statement = insert(MailMessage).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
-    result = connection.execute(statement, rows)
-    return result.rowcount if result.rowcount >= 0 else len(rows)
+    connection.execute(statement, rows)
+    return len(rows) - (stored or 0)
 
 
 def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str, Any]:
