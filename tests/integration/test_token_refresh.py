@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import time
 from datetime import timedelta
 
 import pytest
@@ -284,10 +283,9 @@ def test_token_list_filters_and_pagination(client, auth_headers, oauth_provider)
     assert client.get("/api/v1/oauth/tokens?limit=100000", headers=headers).status_code == 200
 
 
-def _refresh_in_process(env: dict, token_id: int, threads: int, start_at: float) -> list[bool]:
+def _refresh_in_process(env: dict, token_id: int, threads: int, barrier) -> list[bool]:
     """Runs in a separate process: `threads` concurrent refreshes of one token, all
-    fired at the same wall-clock instant as the other processes'."""
-    import time
+    released by one barrier with the other processes' threads."""
     from concurrent.futures import ThreadPoolExecutor
 
     from tests.conftest import make_app
@@ -296,7 +294,7 @@ def _refresh_in_process(env: dict, token_id: int, threads: int, start_at: float)
 
     def one() -> bool:
         with app.app_context():
-            time.sleep(max(0.0, start_at - time.time()))
+            barrier.wait(timeout=120)
             return token_service.refresh_token(token_id, trigger="test").refreshed
 
     with ThreadPoolExecutor(threads) as pool:
@@ -309,9 +307,12 @@ def test_twenty_concurrent_refreshes_from_four_processes_make_one_provider_call(
     oauth_provider.rotation = "strict"
     calls = oauth_provider.calls["token"]
     context = multiprocessing.get_context("spawn")
-    start_at = time.time() + 8  # after every spawned process has imported the app
-    with context.Pool(4) as pool:
-        results = pool.starmap(_refresh_in_process, [(base_env, connected, 5, start_at)] * 4)
+    # A provider that takes 1.5 s (real ones take 100 ms and more): every caller is
+    # surely waiting on the lock while the first refresh is in flight.
+    oauth_provider.script("token", ScriptedResponse(delay=1.5))
+    with context.Manager() as manager, context.Pool(4) as pool:
+        barrier = manager.Barrier(20)
+        results = pool.starmap(_refresh_in_process, [(base_env, connected, 5, barrier)] * 4)
     flat = [refreshed for chunk in results for refreshed in chunk]
     assert len(flat) == 20
     assert oauth_provider.calls["token"] == calls + 1
