@@ -59,3 +59,48 @@ def test_parse_splits_prefix_into_header_and_body():
     assert (first.uid, first.flags, first.size) == (7, ["\\Seen", "\\Flagged"], 1500)
     assert first.header.startswith(b"Subject: hi") and first.body == b"body text"
     assert second.uid == 9 and second.modseq == 12 and second.header == b""
+
+
+class _FakeImap:
+    """Answers UID FETCH like imaplib, from canned server responses."""
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.commands = []
+
+    def uid(self, command, uids, items):
+        self.commands.append((command, uids, items))
+        return "OK", self.answers.pop(0)
+
+
+class _FakeClient:
+    def __init__(self, imap):
+        self._imap = imap
+
+
+def test_fetch_new_refetches_header_fields_when_the_header_is_longer_than_the_prefix():
+    from webapp.services.imapfetch import fetch_new
+
+    long_header_prefix = b"Received: " + b"x" * 100  # no blank line within the prefix
+    imap = _FakeImap(
+        [
+            [
+                (b"1 (UID 5 FLAGS () RFC822.SIZE 9000 BODY[]<0> {110}", long_header_prefix),
+                b")",
+                (
+                    b"2 (UID 6 FLAGS (\\Seen) RFC822.SIZE 50 BODY[]<0> {30}",
+                    b"Subject: ok\r\n\r\nshort body",
+                ),
+                b")",
+            ],
+            [
+                (b"1 (UID 5 BODY[HEADER.FIELDS (SUBJECT)] {24}", b"Subject: long one\r\n\r\n"),
+                b")",
+            ],
+        ]
+    )
+    long_one, short_one = fetch_new(_FakeClient(imap), [5, 6])
+    assert envelope(split_headers(long_one.header)).subject == "long one"
+    assert envelope(split_headers(short_one.header)).subject == "ok"
+    assert short_one.body == b"short body"
+    assert imap.commands[1][1] == "5"  # only the long one was fetched again

@@ -60,7 +60,8 @@ def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
         items = f"(UID BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])"
         for extra in _parse(_uid_fetch(imap, list(long_headers), items)):
             if extra.uid in long_headers:
-                long_headers[extra.uid].header = extra.body
+                # header fields end with a blank line, so _parse put them in .header
+                long_headers[extra.uid].header = extra.header or extra.body
     return [message for message in messages if message.uid]
 
 

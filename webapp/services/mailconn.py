@@ -22,7 +22,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import LoginError
 
 from webapp.crypto import decrypt_field
-from webapp.errors import HostNotAllowed
+from webapp.errors import HostNotAllowed, ProviderUnavailable
 from webapp.models import MailAccount
 from webapp.services.keys import account_password_aad
 from webapp.services.tokens import get_valid_access_token
@@ -47,6 +47,8 @@ class MailAuthFailed(Exception):
 
 
 def is_transient(error: BaseException) -> bool:
+    if isinstance(error, ProviderUnavailable):
+        return True  # the token could not be refreshed right now
     if isinstance(error, ssl.SSLCertVerificationError):
         return False  # a certificate problem needs an operator, not a retry
     if isinstance(error, smtplib.SMTPResponseException):
