@@ -290,3 +290,18 @@ def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
     assert [m.uid for m in stored] == [1, 2, 3]
     assert stored[0].to_addresses == ["b@x"] and stored[0].flags == ["\\Seen"]
     assert db.session.get(MailFolder, folder.id).highest_uid == 3
+
+
+def test_provider_outage_during_the_token_refresh_is_retried(
+    client, auth_headers, mailbox, oauth_provider
+):
+    from tests.support.oauth_provider import ScriptedResponse
+
+    db.session.execute(sa.update(UserEmailToken).values(expires_at=utcnow() - timedelta(minutes=1)))
+    db.session.commit()
+    oauth_provider.script("token", ScriptedResponse(status=503, body="down"))
+    client.post(f"/api/v1/accounts/{mailbox['account_id']}/sync", headers=auth_headers())
+    failed, healed = _wait_runs(mailbox["account_id"], 3)[-2:]
+    assert failed.outcome == "failed" and "provider" in (failed.error or "").lower()
+    assert healed.outcome == "succeeded"
+    assert db.session.get(UserEmailToken, mailbox["token_id"]).status == "active"
