@@ -23,7 +23,6 @@ if str(ROOT) not in sys.path:
 
 from webapp.crypto import generate_keys  # noqa: E402
 
-PG_ADMIN_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 JWT_SECRET = "bench-jwt-secret-" + "j" * 47  # 64 characters
 REDIS_DBS = (8, 9, 10, 11)
 
@@ -39,24 +38,12 @@ def redis_url(db_number: int) -> str:
 
 
 def _recreate(url: str, create: bool) -> None:
+    from tests.support.database import drop_database
+
     name = sa.engine.make_url(url).database or ""
     if not name.startswith("mailkey_bench_"):
         raise ValueError(f"refusing to touch database {name!r}")
-    admin = sa.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-            if create:
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    finally:
-        admin.dispose()
+    drop_database(url, create=create)
 
 
 def bench_env(name: str, redis_db: int, instance: str, **extra: str) -> dict[str, str]:

@@ -20,6 +20,7 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
+from tests.support.database import drop_database
 from tests.support.mailserver import DovecotServer, SmtpServer
 from tests.support.oauth_provider import OAuthProvider
 from webapp import create_app
@@ -56,21 +57,7 @@ def _ensure_database(url: str) -> None:
     database = sa.engine.make_url(url).database or ""
     if not database.endswith("_test"):
         pytest.exit(f"refusing to use database {database!r}: its name must end in _test")
-    admin_url = sa.engine.make_url(url).set(database="postgres")
-    engine = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        with engine.connect() as conn:
-            conn.execute(
-                sa.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": database},
-            )
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}"'))
-            conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
-    finally:
-        engine.dispose()
+    drop_database(url, create=True)
 
 
 @pytest.fixture(scope="session")

@@ -245,23 +245,14 @@ def _granted_scopes(provider: Provider, answer: dict[str, Any]) -> list[str]:
 def _store(
     principal: Principal, provider: Provider, address: str, answer: dict[str, Any]
 ) -> CallbackResult:
-    owner_filter = (
-        UserEmailToken.organization_id == principal.organization_id,
-        UserEmailToken.user_id == principal.user_id,
-        UserEmailToken.provider == provider.name,
-        UserEmailToken.email_address == address,
-    )
-    token = db.session.scalars(select(UserEmailToken).where(*owner_filter)).first()
-    created = token is None
+    owner = {
+        "organization_id": principal.organization_id,
+        "user_id": principal.user_id,
+        "provider": provider.name,
+        "email_address": address,
+    }
+    token, created = _find_or_add(UserEmailToken, owner)
     now = utcnow()
-    if token is None:
-        token = UserEmailToken(
-            organization_id=principal.organization_id,
-            user_id=principal.user_id,
-            provider=provider.name,
-            email_address=address,
-        )
-        db.session.add(token)
     token.status = "active"
     token.status_reason = None
     token.revoked_at = None
@@ -270,7 +261,7 @@ def _store(
     token.last_refreshed_at = now
     apply_token_response(token, answer, now)
     db.session.flush()
-    account = _upsert_account(principal, provider, address, token)
+    account = _upsert_account(owner, provider, token)
     db.session.commit()
     log.info(
         "mailbox_connected",
@@ -284,26 +275,22 @@ def _store(
     return CallbackResult(token, account.id, created)
 
 
+def _find_or_add(model: Any, keys: dict[str, Any]) -> tuple[Any, bool]:
+    """The row with these column values, or a new one added to the session (True)."""
+    row = db.session.scalars(select(model).filter_by(**keys)).first()
+    if row is not None:
+        return row, False
+    row = model(**keys)
+    db.session.add(row)
+    return row, True
+
+
 def _upsert_account(
-    principal: Principal, provider: Provider, address: str, token: UserEmailToken
+    owner: dict[str, Any], provider: Provider, token: UserEmailToken
 ) -> MailAccount:
-    account = db.session.scalars(
-        select(MailAccount).where(
-            MailAccount.organization_id == principal.organization_id,
-            MailAccount.user_id == principal.user_id,
-            MailAccount.provider == provider.name,
-            MailAccount.email_address == address,
-        )
-    ).first()
-    if account is None:
-        account = MailAccount(
-            organization_id=principal.organization_id,
-            user_id=principal.user_id,
-            provider=provider.name,
-            email_address=address,
-            sync_enabled=True,
-        )
-        db.session.add(account)
+    """One mail account per owner and address: created at the first connect, pointed at
+    the token and the provider's servers again at every reconnect."""
+    account, _ = _find_or_add(MailAccount, owner)  # sync_enabled defaults to true
     account.token_id = token.id
     account.incoming_auth_method = "xoauth2"
     account.incoming_server = provider.imap_host
@@ -312,7 +299,7 @@ def _upsert_account(
     account.outgoing_server = provider.smtp_host
     account.outgoing_port = provider.smtp_port
     account.outgoing_security = provider.smtp_security
-    account.username = address
+    account.username = owner["email_address"]
     account.password_encrypted = None
     account.status = "active"
     account.last_error = None

@@ -103,10 +103,9 @@ def build_message(
 
 def deliver(send_id: int) -> OutboundMessage | None:
     """Send one queued message. Raises TransientSendError for a retry."""
-    lock = redis_store.client.lock(f"mailkey:lock:send:{send_id}", timeout=600)
-    if not lock.acquire(blocking=True, blocking_timeout=5):
-        return None
-    try:
+    with redis_store.locked(f"mailkey:lock:send:{send_id}", timeout=600, wait=5) as acquired:
+        if not acquired:
+            return None
         send = db.session.get(OutboundMessage, send_id, populate_existing=True)
         if send is None or send.status != "queued" or send.payload_encrypted is None:
             return send  # already sent or failed: never send twice
@@ -143,11 +142,6 @@ def deliver(send_id: int) -> OutboundMessage | None:
         SENDS_TOTAL.labels("sent").inc()
         log.info("mail_sent", extra={"event": "mail_sent", "send_id": send.id})
         return send
-    finally:
-        try:
-            lock.release()
-        except Exception:  # noqa: S110
-            pass
 
 
 def _fail(send: OutboundMessage, error: str) -> OutboundMessage:

@@ -113,10 +113,9 @@ def _finish(run: SyncRun, counts: Counts, outcome: str, error: str | None) -> No
 def sync_account(account_id: int, run_id: int | None = None) -> SyncRun:
     """Sync one account. Raises SyncBusy when another worker is syncing it and
     TransientSyncError when the server or network failed (the run is recorded)."""
-    lock = redis_store.client.lock(LOCK_KEY.format(account_id), timeout=SYNC_TIME_LIMIT)
-    if not lock.acquire(blocking=False):
-        raise SyncBusy(account_id)
-    try:
+    with redis_store.locked(LOCK_KEY.format(account_id), timeout=SYNC_TIME_LIMIT) as acquired:
+        if not acquired:
+            raise SyncBusy(account_id)
         account = db.session.get(MailAccount, account_id, populate_existing=True)
         if account is None:
             raise LookupError(f"account {account_id} does not exist")
@@ -124,11 +123,6 @@ def sync_account(account_id: int, run_id: int | None = None) -> SyncRun:
         if run is None or run.outcome != "running":
             run, _ = start_run(account)
         return _run(account, run)
-    finally:
-        try:
-            lock.release()
-        except Exception:  # noqa: S110 - expired on its own
-            pass
 
 
 def _run(account: MailAccount, run: SyncRun) -> SyncRun:

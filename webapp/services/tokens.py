@@ -154,10 +154,15 @@ class RefreshResult:
     refreshed: bool  # False: someone else refreshed it while we waited
 
 
-def _lock(token_id: int) -> Any:
+def _token_lock(token_id: int) -> Any:
+    """The per-token lock every refresh and revoke takes, waiting up to its timeout."""
     timeout = current_app.config["REFRESH_LOCK_SECONDS"]
-    return redis_store.client.lock(
-        f"mailkey:lock:refresh:{token_id}", timeout=timeout, blocking_timeout=timeout + 5
+    return redis_store.locked(f"mailkey:lock:refresh:{token_id}", timeout, wait=timeout + 5)
+
+
+def _busy() -> ProviderUnavailable:
+    return ProviderUnavailable(
+        "another refresh of this token is still running", headers={"Retry-After": "5"}
     )
 
 
@@ -170,12 +175,9 @@ def refresh_token(
     ProviderUnavailable (503, with the provider's Retry-After).
     """
     requested_at = utcnow()
-    lock = _lock(token_id)
-    if not lock.acquire():
-        raise ProviderUnavailable(
-            "another refresh of this token is still running", headers={"Retry-After": "5"}
-        )
-    try:
+    with _token_lock(token_id) as acquired:
+        if not acquired:
+            raise _busy()
         db.session.expire_all()
         token = db.session.get(UserEmailToken, token_id, populate_existing=True)
         if token is None:
@@ -186,11 +188,6 @@ def refresh_token(
         if not force and token.expires_at and token.expires_at - utcnow() > ahead:
             return RefreshResult(token, refreshed=False)
         return RefreshResult(_refresh_locked(token, trigger), refreshed=True)
-    finally:
-        try:
-            lock.release()
-        except Exception:  # noqa: S110 - the lock expired on its own; nothing to undo
-            pass
 
 
 def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
@@ -321,9 +318,9 @@ def revoke(owner: tuple[int, int], token_id: int) -> tuple[UserEmailToken, bool,
 
     Returns (token, provider_revoked, message). Repeating it is harmless.
     """
-    lock = _lock(token_id)
-    lock.acquire()
-    try:
+    with _token_lock(token_id) as acquired:
+        if not acquired:
+            raise _busy()
         token = get_owned_token(owner, token_id)
         db.session.refresh(token)
         if token.status == "revoked":
@@ -346,11 +343,6 @@ def revoke(owner: tuple[int, int], token_id: int) -> tuple[UserEmailToken, bool,
             },
         )
         return token, provider_revoked, message
-    finally:
-        try:
-            lock.release()
-        except Exception:  # noqa: S110
-            pass
 
 
 def _revoke_at_provider(provider: Provider, token: UserEmailToken) -> tuple[bool, str]:
