@@ -102,3 +102,21 @@ def test_rotation_killed_midway_then_rerun_leaves_every_row_readable_under_b(app
     out, _ = status.communicate(timeout=60)
     assert "previous" not in out and "unknown" not in out
     assert "can be removed" in out
+
+
+def test_microsoft_sized_tokens_stay_in_the_heap_row(app):
+    """Migration 0003: a 2 KB access token's ciphertext is stored inline, not in TOAST,
+    so reading a token and rewriting it (refresh, rotation) touch one heap tuple."""
+    token = UserEmailToken(
+        organization_id=1, user_id=1, provider="microsoft", email_address="big@example.com",
+        status="active", scopes="https://outlook.office.com/IMAP.AccessAsUser.All",
+    )  # fmt: skip
+    token_service.store_secrets(token, "a" * 2048, "r" * 512)
+    db.session.add(token)
+    db.session.commit()
+    toast = db.session.scalar(
+        sa.text("SELECT reltoastrelid::regclass::text FROM pg_class WHERE relname = :t"),
+        {"t": "user_email_tokens"},
+    )
+    assert db.session.scalar(sa.text(f"SELECT count(*) FROM {toast}")) == 0  # noqa: S608
+    assert token_service.read_access_token(db.session.get(UserEmailToken, token.id)) == "a" * 2048

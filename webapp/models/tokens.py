@@ -42,6 +42,8 @@ class UserEmailToken(TimestampMixin, Base):
         Index("ix_user_email_tokens_status_expires_at", "status", "expires_at"),
         Index("ix_user_email_tokens_org_status", "organization_id", "status", "provider"),
         Index("ix_user_email_tokens_owner", "organization_id", "user_id"),
+        # Ciphertexts stay in the heap row, not TOAST (migration 0003 says why).
+        {"postgresql_with": {"toast_tuple_target": 8160}},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
