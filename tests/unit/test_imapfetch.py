@@ -104,3 +104,52 @@ def test_fetch_new_refetches_header_fields_when_the_header_is_longer_than_the_pr
     assert envelope(split_headers(short_one.header)).subject == "ok"
     assert short_one.body == b"short body"
     assert imap.commands[1][1] == "5"  # only the long one was fetched again
+
+
+def test_fetch_new_merges_unsolicited_fetch_responses_and_drops_other_messages():
+    """Another session set \\Flagged on UID 6 and touched UID 99 while this FETCH ran:
+    with CONDSTORE the server slips those in as FETCH responses carrying a UID."""
+    from webapp.services.imapfetch import fetch_new
+
+    imap = _FakeImap(
+        [
+            [
+                (
+                    b"1 (UID 5 FLAGS () RFC822.SIZE 30 BODY[]<0> {30}",
+                    b"Subject: a\r\n\r\nfirst body",
+                ),
+                b")",
+                b"2 (UID 6 MODSEQ (40) FLAGS (\\Seen \\Flagged))",
+                (b"7 (UID 99 FLAGS (\\Seen) RFC822.SIZE 10 BODY[]<0> {10}", b"X: y\r\n\r\nzz"),
+                b")",
+                (
+                    b"2 (FLAGS (\\Seen) UID 6 RFC822.SIZE 31 BODY[]<0> {31}",
+                    b"Subject: b\r\n\r\nsecond body",
+                ),
+                b" MODSEQ (41))",
+            ]
+        ]
+    )
+    first, second = fetch_new(_FakeClient(imap), [5, 6])
+    assert len(imap.commands) == 1  # both headers were complete: nothing fetched again
+    assert (first.uid, first.flags, first.body) == (5, [], b"first body")
+    assert (second.uid, second.size, second.modseq) == (6, 31, 41)
+    assert second.flags == ["\\Seen"]  # the later response wins
+    assert envelope(split_headers(second.header)).subject == "b"
+
+
+def test_parse_accepts_a_body_section_sent_as_a_quoted_string():
+    data = [b'1 (UID 3 BODY[]<0> "Subject: short") ']
+    (only,) = _parse(data)
+    assert only.uid == 3 and only.body == b"Subject: short"
+    quoted = _parse([b'1 (UID 4 BODY[]<0> "say \\"hi\\"")'])[0]
+    assert quoted.body == b'say "hi"'
+
+
+def test_snippet_folds_a_long_body_from_its_start():
+    headers = split_headers(b"Content-Type: text/html\r\n")
+    body = b"<p>" + b"<span> </span>" * 200 + b"Hello   there</p>" + b"x " * 3000
+    snippet = snippet_text(headers, body, limit=50)
+    assert snippet == ("Hello there " + "x " * 30)[:50].rstrip()
+    plain = snippet_text({}, b"word\r\n\r\n  " * 1000, limit=30)
+    assert plain == ("word " * 6).strip()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import binascii
 import quopri
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_to_datetime
@@ -26,6 +26,7 @@ UID = re.compile(rb"\bUID (\d+)")
 SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)")
+QUOTED_SECTION = re.compile(rb'\bBODY\[[^\]]*\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
 UNFOLD = re.compile(r"\r?\n[ \t]+")
 BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 CHARSET = re.compile(r'charset="?([^";\s]+)"?', re.IGNORECASE)
@@ -41,7 +42,7 @@ class FetchError(Exception):
 @dataclass
 class Fetched:
     uid: int = 0
-    flags: list[str] = field(default_factory=list)
+    flags: list[str] | None = None  # None: the response had no FLAGS item
     size: int | None = None
     modseq: int | None = None
     header: bytes = b""
@@ -54,15 +55,36 @@ def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
     again as header fields."""
     imap = client._imap  # noqa: SLF001 - the same connection, read with imaplib directly
     items = f"(UID FLAGS RFC822.SIZE BODY.PEEK[]<0.{PREFIX_BYTES}>)"
-    messages = _parse(_uid_fetch(imap, uids, items))
-    long_headers = {m.uid: m for m in messages if m.uid and not m.header}
+    messages = _by_uid(_parse(_uid_fetch(imap, uids, items)), set(uids))
+    long_headers = {uid: m for uid, m in messages.items() if not m.header}
     if long_headers:
         items = f"(UID BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])"
-        for extra in _parse(_uid_fetch(imap, list(long_headers), items)):
-            if extra.uid in long_headers:
-                # header fields end with a blank line, so _parse put them in .header
-                long_headers[extra.uid].header = extra.header or extra.body
-    return [message for message in messages if message.uid]
+        answers = _parse(_uid_fetch(imap, list(long_headers), items))
+        for extra in _by_uid(answers, set(long_headers)).values():
+            # header fields end with a blank line, so _parse put them in .header
+            long_headers[extra.uid].header = extra.header or extra.body
+    return list(messages.values())
+
+
+def _by_uid(parsed: list[Fetched], requested: set[int]) -> dict[int, Fetched]:
+    """One entry per requested UID. A server may slip unsolicited FETCH responses
+    (another session changed flags; with CONDSTORE they carry a UID) in between the
+    answers: those for other messages are dropped, those for a requested one are
+    merged into it, the later flags winning."""
+    merged: dict[int, Fetched] = {}
+    for message in parsed:
+        if message.uid not in requested:
+            continue
+        seen = merged.setdefault(message.uid, message)
+        if seen is message:
+            continue
+        if message.header or message.body:
+            seen.header, seen.body = message.header, message.body
+        if message.flags is not None:
+            seen.flags = message.flags
+        seen.size = message.size if message.size is not None else seen.size
+        seen.modseq = message.modseq if message.modseq is not None else seen.modseq
+    return merged
 
 
 def _uid_fetch(imap: Any, uids: list[int], items: str) -> list[Any]:
@@ -83,6 +105,9 @@ def _parse(data: list[tuple[bytes, bytes] | bytes | None]) -> list[Fetched]:
             current = Fetched()
             messages.append(current)
         _meta(current, text)
+        if literal is None and (quoted := QUOTED_SECTION.search(text)):
+            # a server may send a short body section as a quoted string, not a literal
+            literal = re.sub(rb"\\(.)", rb"\1", quoted.group(1))
         if literal is not None:
             head, separator, body = literal.partition(b"\r\n\r\n")
             if not separator:
@@ -202,6 +227,12 @@ def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -
         text = body.decode(charset.group(1).strip('"') if charset else "utf-8", "replace")
     except LookupError:
         text = body.decode("utf-8", "replace")
-    if "html" in (_first(headers, "content-type") or "").lower():
-        text = TAGS.sub(" ", text)
-    return WHITESPACE.sub(" ", text).strip()[:limit]
+    html = "html" in (_first(headers, "content-type") or "").lower()
+    # Fold a window a few times the snippet's length first (the whole 8 KB prefix
+    # costs ~4x more); take everything only when that window is mostly tags or spaces.
+    window = limit * (16 if html else 4)
+    for chunk in (text[:window], text) if len(text) > window else (text,):
+        snippet = WHITESPACE.sub(" ", TAGS.sub(" ", chunk) if html else chunk).strip()
+        if len(snippet) > limit:
+            break
+    return snippet[:limit].rstrip()

@@ -359,7 +359,7 @@ def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str,
         "to_addresses": headers.to_addresses,
         "cc_addresses": headers.cc_addresses,
         "sent_at": headers.sent_at,
-        "flags": message.flags,
+        "flags": message.flags or [],
         "size": message.size,
         "snippet_encrypted": (
             encrypt_field(snippet, "pii", snippet_aad(folder_id, message.uid)) if snippet else None
