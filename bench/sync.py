@@ -23,6 +23,7 @@ import re
 import ssl
 import sys
 import tempfile
+import time
 
 from _common import (
     JWT_SECRET,
@@ -136,8 +137,10 @@ def floor_sync(
 
 
 def timed_sync(account_id: int) -> tuple[float, dict]:
+    cpu = time.process_time()
     with Timer() as t:
         result = sync_account.apply(args=[account_id]).get()
+    result["cpu_seconds"] = time.process_time() - cpu  # this process, all its threads
     return t.seconds, result
 
 
@@ -198,7 +201,8 @@ def main() -> int:
                     ["(f) floor: imaplib + minimal parse + Fernet + COPY", floor,
                      floor_rows / floor, f"{floor_rows:,} rows, ratio a/f {min(bare) / floor:.2f}"],
                     ["(b) Mailkey initial sync", initial, args.messages / initial,
-                     f"{first['outcome']}, new {first['new']:,}, stored {stored:,}"],
+                     f"{first['outcome']}, new {first['new']:,}, stored {stored:,}, "
+                     f"CPU {first['cpu_seconds']:.2f} s"],
                     ["(c) Mailkey sync, nothing changed", nochange, "",
                      f"{second['outcome']}, new {second['new']}, updated "
                      f"{second['updated']}, deleted {second['deleted']}"],
