@@ -305,3 +305,59 @@ def test_provider_outage_during_the_token_refresh_is_retried(
     assert failed.outcome == "failed" and "provider" in (failed.error or "").lower()
     assert healed.outcome == "succeeded"
     assert db.session.get(UserEmailToken, mailbox["token_id"]).status == "active"
+
+
+# What Office 365 advertises: no CONDSTORE, no ENABLE.
+OFFICE_365_CAPABILITY = (
+    "IMAP4rev1 SASL-IR UIDPLUS MOVE ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+"
+)
+
+
+def test_server_without_condstore_gets_flag_changes_and_expunges(app, tmp_path):
+    """Without CONDSTORE a folder whose UIDNEXT and message count did not move may still
+    have changed flags: every sync compares them (one FLAGS fetch)."""
+    from tests.support.mailserver import DovecotServer
+    from webapp.services import sync as sync_service
+    from webapp.services.keys import account_password_aad
+
+    user, password = "plain@example.com", "plain-secret"
+    with DovecotServer(
+        "http://127.0.0.1:9/unused",
+        password_users={user: password},
+        workdir=tmp_path,
+        imap_capability=OFFICE_365_CAPABILITY,
+    ) as imap:
+        imap.seed(user, "INBOX", 6)
+        account = MailAccount(
+            organization_id=1, user_id=1, email_address=user, provider="custom",
+            incoming_auth_method="password", incoming_server=imap.host,
+            incoming_port=imap.imaps_port, incoming_security="ssl", username=user,
+            sync_enabled=False, status="active",
+        )  # fmt: skip
+        from webapp.crypto import encrypt_field
+
+        account.password_encrypted = encrypt_field(password, "pii", account_password_aad(account))
+        db.session.add(account)
+        db.session.commit()
+        saved = {key: app.config[key] for key in ("MAIL_ALLOWED_PORTS", "MAIL_CA_FILE")}
+        app.config.update(
+            MAIL_ALLOWED_PORTS=(*saved["MAIL_ALLOWED_PORTS"], imap.imaps_port),
+            MAIL_CA_FILE=str(imap.ca_file),
+        )
+        try:
+            first = sync_service.sync_account(account.id)
+            assert (first.outcome, first.new_count) == ("succeeded", 6), first.error
+            uids = sorted(imap.fetch_uids(user, "INBOX"))
+            imap.add_flags(user, "INBOX", uids[:2], [b"\\Flagged"])
+            flagged = sync_service.sync_account(account.id)
+            assert (flagged.new_count, flagged.updated_count) == (0, 2)
+            imap.expunge(user, "INBOX", uids[-1:])
+            imap.seed(user, "INBOX", 1, subject_prefix="Later")
+            last = sync_service.sync_account(account.id)
+            assert (last.new_count, last.updated_count, last.deleted_count) == (1, 0, 1)
+        finally:
+            app.config.update(saved)
+    stored = db.session.scalars(
+        sa.select(MailMessage.flags).where(MailMessage.account_id == account.id)
+    ).all()
+    assert len(stored) == 6 and sum("\\Flagged" in flags for flags in stored) == 2

@@ -48,7 +48,7 @@ def test_snippet_of_base64_html_even_when_cut_off():
 def test_parse_splits_prefix_into_header_and_body():
     data = [
         (
-            b"1 (UID 7 FLAGS (\\Seen \\Flagged) RFC822.SIZE 1500 BODY[]<0> {40}",
+            b"1 (UID 7 FLAGS (\\Seen \\Recent \\Flagged) RFC822.SIZE 1500 BODY[]<0> {40}",
             b"Subject: hi\r\nTo: a@b.com\r\n\r\nbody text",
         ),
         b")",

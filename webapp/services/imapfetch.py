@@ -125,7 +125,11 @@ def _meta(message: Fetched, text: bytes) -> None:
     if match := SIZE.search(text):
         message.size = int(match.group(1))
     if match := FLAGS.search(text):
-        message.flags = [flag.decode("utf-8", "replace") for flag in match.group(1).split()]
+        message.flags = [
+            flag.decode("utf-8", "replace")
+            for flag in match.group(1).split()
+            if flag.lower() != b"\\recent"  # session state, not the message's
+        ]
     if match := MODSEQ.search(text):
         message.modseq = int(match.group(1))
 

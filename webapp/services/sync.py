@@ -234,11 +234,15 @@ def _sync_folder(
         )
     folder.uidvalidity = uidvalidity
 
+    # Only CONDSTORE proves nothing changed: without it (Office 365, for one) flags can
+    # change while UIDNEXT and the count stay put, so every sync compares them.
     unchanged = (
-        uidnext is not None
+        condstore
+        and modseq is not None
+        and modseq == folder.highestmodseq
+        and uidnext is not None
         and uidnext - 1 <= folder.highest_uid
         and exists == folder.message_count
-        and (not condstore or (modseq is not None and modseq == folder.highestmodseq))
     )
     if not unchanged:
         known_before = folder.highest_uid
@@ -390,7 +394,9 @@ def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore:
     for index in range(0, len(uids), FLAG_CHUNK):
         response = client.fetch(uids[index : index + FLAG_CHUNK], ["FLAGS"], modifiers=modifiers)
         for uid, data in response.items():
-            flags = [_text(flag) for flag in data.get(b"FLAGS", ())]
+            flags = [
+                text for text in map(_text, data.get(b"FLAGS", ())) if text.lower() != "\\recent"
+            ]
             if sorted(current[uid]) != sorted(flags):
                 db.session.execute(
                     update(MailMessage)
