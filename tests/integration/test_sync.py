@@ -4,7 +4,7 @@ local OAuth provider, on a real Celery worker."""
 from __future__ import annotations
 
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
@@ -352,9 +352,16 @@ def test_server_without_condstore_gets_flag_changes_and_expunges(app, tmp_path):
             flagged = sync_service.sync_account(account.id)
             assert (flagged.new_count, flagged.updated_count) == (0, 2)
             imap.expunge(user, "INBOX", uids[-1:])
-            imap.seed(user, "INBOX", 1, subject_prefix="Later")
+            arrived = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+            undated = b"From: a@example.org\r\nSubject: no date\r\n\r\nhello\r\n"
+            imap.append(user, "INBOX", undated, internaldate=arrived)
             last = sync_service.sync_account(account.id)
             assert (last.new_count, last.updated_count, last.deleted_count) == (1, 0, 1)
+            # no Date header: the server's INTERNALDATE stands in
+            sent_at = db.session.scalar(
+                sa.select(MailMessage.sent_at).where(MailMessage.subject == "no date")
+            )
+            assert sent_at == arrived
         finally:
             app.config.update(saved)
     stored = db.session.scalars(

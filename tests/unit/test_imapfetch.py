@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import base64
 
-from webapp.services.imapfetch import _parse, envelope, snippet_text, split_headers
+from webapp.services.imapfetch import (
+    _parse,
+    envelope,
+    internal_date,
+    snippet_text,
+    split_headers,
+)
 
 
 def test_envelope_decodes_folded_encoded_headers_and_addresses():
@@ -52,13 +58,20 @@ def test_parse_splits_prefix_into_header_and_body():
             b"Subject: hi\r\nTo: a@b.com\r\n\r\nbody text",
         ),
         b")",
-        (b"2 (UID 9 FLAGS () RFC822.SIZE 20 MODSEQ (12) BODY[]<0> {11}", b"no-break-hd"),
+        (
+            b'2 (UID 9 FLAGS () INTERNALDATE " 7-Jul-2026 02:44:25 -0700" RFC822.SIZE 20 '
+            b"MODSEQ (12) BODY[]<0> {11}",
+            b"no-break-hd",
+        ),
         b")",
     ]
     first, second = _parse(data)
     assert (first.uid, first.flags, first.size) == (7, ["\\Seen", "\\Flagged"], 1500)
     assert first.header.startswith(b"Subject: hi") and first.body == b"body text"
     assert second.uid == 9 and second.modseq == 12 and second.header == b""
+    assert first.internaldate is None
+    assert internal_date(second.internaldate).isoformat() == "2026-07-07T09:44:25+00:00"
+    assert internal_date(b"garbage") is None and internal_date(None) is None
 
 
 class _FakeImap:

@@ -26,6 +26,7 @@ UID = re.compile(rb"\bUID (\d+)")
 SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)")
+INTERNALDATE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
 QUOTED_SECTION = re.compile(rb'\bBODY\[[^\]]*\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
 UNFOLD = re.compile(r"\r?\n[ \t]+")
 BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
@@ -45,6 +46,7 @@ class Fetched:
     flags: list[str] | None = None  # None: the response had no FLAGS item
     size: int | None = None
     modseq: int | None = None
+    internaldate: bytes | None = None  # raw; parsed only when the Date header fails
     header: bytes = b""
     body: bytes = b""
 
@@ -54,7 +56,7 @@ def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
     server reads those without parsing MIME); headers longer than that are fetched
     again as header fields."""
     imap = client._imap  # noqa: SLF001 - the same connection, read with imaplib directly
-    items = f"(UID FLAGS RFC822.SIZE BODY.PEEK[]<0.{PREFIX_BYTES}>)"
+    items = f"(UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]<0.{PREFIX_BYTES}>)"
     messages = _by_uid(_parse(_uid_fetch(imap, uids, items)), set(uids))
     long_headers = {uid: m for uid, m in messages.items() if not m.header}
     if long_headers:
@@ -84,6 +86,7 @@ def _by_uid(parsed: list[Fetched], requested: set[int]) -> dict[int, Fetched]:
             seen.flags = message.flags
         seen.size = message.size if message.size is not None else seen.size
         seen.modseq = message.modseq if message.modseq is not None else seen.modseq
+        seen.internaldate = message.internaldate or seen.internaldate
     return merged
 
 
@@ -132,6 +135,8 @@ def _meta(message: Fetched, text: bytes) -> None:
         ]
     if match := MODSEQ.search(text):
         message.modseq = int(match.group(1))
+    if match := INTERNALDATE.search(text):
+        message.internaldate = match.group(1)
 
 
 @dataclass
@@ -201,6 +206,17 @@ def _date(value: str | None) -> datetime | None:
         return None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
+    return parsed.astimezone(UTC)
+
+
+def internal_date(value: bytes | None) -> datetime | None:
+    """The server's arrival time (`17-Jul-1996 02:44:25 -0700`), in UTC."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.strptime(value.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z")
+    except (UnicodeDecodeError, ValueError):
+        return None
     return parsed.astimezone(UTC)
 
 

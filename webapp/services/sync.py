@@ -32,6 +32,7 @@ from webapp.services.imapfetch import (
     Fetched,
     envelope,
     fetch_new,
+    internal_date,
     snippet_text,
     split_headers,
 )
@@ -362,7 +363,8 @@ def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str,
         "from_address": headers.from_address,
         "to_addresses": headers.to_addresses,
         "cc_addresses": headers.cc_addresses,
-        "sent_at": headers.sent_at,
+        # no or a broken Date header: when the server received it
+        "sent_at": headers.sent_at or internal_date(message.internaldate),
         "flags": message.flags or [],
         "size": message.size,
         "snippet_encrypted": (
