@@ -244,8 +244,9 @@ def test_private_hosts_and_odd_ports_are_refused_when_not_allowed(base_env, make
 
 
 def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
-    """COPY stores a batch at once; a batch that overlaps stored rows falls back to
-    INSERT ... ON CONFLICT DO NOTHING, and the folder's highest UID moves with it."""
+    """A batch that overlaps stored rows (a run killed between its commit and its ack)
+    skips them (INSERT ... ON CONFLICT DO NOTHING), counts only the new ones, and the
+    folder's highest UID moves in the same transaction."""
     from webapp.models import MailFolder
     from webapp.services.sync import _BatchWriter
 
