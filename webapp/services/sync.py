@@ -11,6 +11,7 @@ already stored, so a sync killed half-way resumes where it stopped.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -330,15 +331,16 @@ class _BatchWriter:
 def _insert(connection: Connection, rows: list[dict[str, Any]]) -> int:
     """Bulk insert, skipping rows a killed run already stored; the count of new rows.
 
-    One executemany of a one-row INSERT (pipelined by psycopg), not a giant
-    multi-VALUES statement the driver would parse again for every batch. Its
-    rowcount is not the number of rows inserted, so that is counted first."""
+    PostgreSQL: COPY into a session-local staging table, then one INSERT ... SELECT
+    ... ON CONFLICT DO NOTHING, whose row count is exactly the new rows. COPY costs
+    less than half the client CPU of an executemany of INSERTs, and that CPU is taken
+    from the thread fetching and parsing the next batch."""
     if not rows:
         return 0
     if connection.dialect.name == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert
-    else:
-        from sqlalchemy.dialects.sqlite import insert  # type: ignore[assignment]
+        return _copy_insert(connection, rows)
+    from sqlalchemy.dialects.sqlite import insert
+
     folder_id = rows[0]["folder_id"]
     stored = connection.scalar(
         select(func.count())
@@ -348,6 +350,33 @@ def _insert(connection: Connection, rows: list[dict[str, Any]]) -> int:
     statement = insert(MailMessage).on_conflict_do_nothing(index_elements=["folder_id", "uid"])
     connection.execute(statement, rows)
     return len(rows) - (stored or 0)
+
+
+_COPY_COLUMNS = (
+    "account_id", "folder_id", "uid", "message_id", "subject", "from_address",
+    "to_addresses", "cc_addresses", "sent_at", "flags", "size", "snippet_encrypted", "modseq",
+)  # fmt: skip
+_JSON_COLUMNS = frozenset({"to_addresses", "cc_addresses", "flags"})
+
+
+def _copy_insert(connection: Connection, rows: list[dict[str, Any]]) -> int:
+    columns = ", ".join(_COPY_COLUMNS)
+    cursor = connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    cursor.execute(  # once per database session; emptied by every commit
+        f"CREATE TEMP TABLE IF NOT EXISTS mail_messages_staging ON COMMIT DELETE ROWS"  # noqa: S608
+        f" AS SELECT {columns} FROM mail_messages WITH NO DATA"
+    )
+    encode = json.dumps
+    with cursor.copy(f"COPY mail_messages_staging ({columns}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(
+                [encode(row[c]) if c in _JSON_COLUMNS else row[c] for c in _COPY_COLUMNS]
+            )
+    cursor.execute(
+        f"INSERT INTO mail_messages ({columns}) SELECT {columns} FROM mail_messages_staging"  # noqa: S608
+        " ON CONFLICT (folder_id, uid) DO NOTHING"
+    )
+    return max(cursor.rowcount, 0)
 
 
 def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str, Any]:
