@@ -32,7 +32,6 @@ UNFOLD = re.compile(r"\r?\n[ \t]+")
 BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 CHARSET = re.compile(r'charset="?([^";\s]+)"?', re.IGNORECASE)
 TAGS = re.compile(r"<[^>]*(?:>|$)")
-WHITESPACE = re.compile(r"\s+")
 ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 
 
@@ -252,7 +251,7 @@ def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -
     # costs ~4x more); take everything only when that window is mostly tags or spaces.
     window = limit * (16 if html else 4)
     for chunk in (text[:window], text) if len(text) > window else (text,):
-        snippet = WHITESPACE.sub(" ", TAGS.sub(" ", chunk) if html else chunk).strip()
+        snippet = " ".join((TAGS.sub(" ", chunk) if html else chunk).split())  # 4x faster than re.sub
         if len(snippet) > limit:
             break
     return snippet[:limit].rstrip()
