@@ -251,7 +251,7 @@ def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -
     # costs ~4x more); take everything only when that window is mostly tags or spaces.
     window = limit * (16 if html else 4)
     for chunk in (text[:window], text) if len(text) > window else (text,):
-        snippet = " ".join((TAGS.sub(" ", chunk) if html else chunk).split())  # 4x faster than re.sub
+        snippet = " ".join((TAGS.sub(" ", chunk) if html else chunk).split())  # not re: 4x slower
         if len(snippet) > limit:
             break
     return snippet[:limit].rstrip()
