@@ -286,6 +286,7 @@ class OAuthProvider:
             self.max_concurrent: collections.Counter[str] = collections.Counter()
             self._inflight: collections.Counter[str] = collections.Counter()
             self.requests: list[tuple[str, dict[str, str], dict[str, str]]] = []
+            self.revoke_requests: list[tuple[dict[str, str], dict[str, str]]] = []
             self.authorize_requests: list[dict[str, str]] = []
             self.revoked: list[str] = []
             self.errors: list[str] = []
@@ -366,6 +367,8 @@ class OAuthProvider:
             self.calls[endpoint] += 1
             if endpoint == "token":
                 self.requests.append((endpoint, dict(form), headers))
+            elif endpoint == "revoke":
+                self.revoke_requests.append((dict(form), headers))
             self._inflight[endpoint] += 1
             peak = max(self.max_concurrent[endpoint], self._inflight[endpoint])
             self.max_concurrent[endpoint] = peak

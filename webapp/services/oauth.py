@@ -34,7 +34,7 @@ from webapp.errors import (
 from webapp.extensions import db, redis_store
 from webapp.models import MailAccount, UserEmailToken, utcnow
 from webapp.providers import Provider
-from webapp.services.provider_http import ProviderFailure, token_request
+from webapp.services.provider_http import ProviderFailure, parse_scope, token_request
 from webapp.services.queue import enqueue
 from webapp.services.tokens import apply_token_response, provider_for
 
@@ -211,35 +211,66 @@ def _id_token_claims(provider: Provider, answer: dict[str, Any]) -> dict[str, An
     return claims
 
 
+# Where a mailbox address may be found, in order. Userinfo endpoints in Microsoft
+# Graph's style answer `mail` / `userPrincipalName` rather than OIDC's `email`.
+ID_TOKEN_ADDRESS_CLAIMS = ("email", "preferred_username")
+USERINFO_ADDRESS_CLAIMS = ("email", "mail", "preferred_username", "userPrincipalName")
+
+
 def _mailbox_address(provider: Provider, answer: dict[str, Any]) -> str:
+    """From the provider's address source first, then the other one: a server may send
+    no id_token (the address only in userinfo) or have no userinfo endpoint."""
     claims = _id_token_claims(provider, answer)
-    address: Any = None
-    if provider.address_source == "id_token":
-        address = claims.get("email") or claims.get("preferred_username")
-    elif provider.userinfo_url:
-        try:
-            response = requests.get(
-                provider.userinfo_url,
-                headers={"Authorization": f"Bearer {answer['access_token']}"},
-                timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"],
-            )
-            info = response.json() if response.status_code == 200 else {}
-        except (requests.RequestException, ValueError):
-            raise ProviderError("the provider's userinfo endpoint failed") from None
-        address = info.get("email") if isinstance(info, dict) else None
-    if not address:
-        address = claims.get("email")
-    if not isinstance(address, str) or "@" not in address:
-        raise ProviderError("the provider did not tell the mailbox address", reason="no_address")
-    return address.strip().lower()
+    sources = [
+        lambda: _address_in(claims, ID_TOKEN_ADDRESS_CLAIMS),
+        lambda: _address_in(_userinfo(provider, answer), USERINFO_ADDRESS_CLAIMS),
+    ]
+    if provider.address_source == "userinfo":
+        sources.reverse()
+    for source in sources:
+        address = source()
+        if address:
+            return address.strip().lower()
+    raise ProviderError("the provider did not tell the mailbox address", reason="no_address")
+
+
+def _address_in(info: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    for name in names:
+        value = info.get(name)
+        if isinstance(value, str) and "@" in value:
+            return value
+    return None
+
+
+def _userinfo(provider: Provider, answer: dict[str, Any]) -> dict[str, Any]:
+    """The userinfo answer; empty when there is no endpoint or it fails (the id_token may
+    still tell the address)."""
+    if not provider.userinfo_url:
+        return {}
+    try:
+        response = requests.get(
+            provider.userinfo_url,
+            headers={
+                "Authorization": f"Bearer {answer['access_token']}",
+                "Accept": "application/json",
+            },
+            timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"],
+        )
+        info = response.json() if response.status_code == 200 else None
+    except (requests.RequestException, ValueError):
+        info = None
+    if not isinstance(info, dict):
+        log.warning(
+            "oauth_userinfo_failed",
+            extra={"event": "oauth_userinfo_failed", "provider": provider.name},
+        )
+        return {}
+    return info
 
 
 def _granted_scopes(provider: Provider, answer: dict[str, Any]) -> list[str]:
     """No `scope` in the answer means the requested scopes were granted (RFC 6749 5.1)."""
-    scope = answer.get("scope")
-    if isinstance(scope, str) and scope.strip():
-        return scope.split()
-    return list(provider.scopes)
+    return parse_scope(answer.get("scope")) or list(provider.scopes)
 
 
 def _store(

@@ -9,8 +9,12 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from http.cookiejar import DefaultCookiePolicy
 from typing import Any, Literal
+from urllib.parse import parse_qsl, quote
 
 import requests
 
@@ -40,6 +44,7 @@ AADSTS_CLASSES: dict[str, FailureKind] = {
     "AADSTS900144": "configuration",
 }
 AADSTS = re.compile(r"\bAADSTS\d+\b")
+FORM_BODY = re.compile(r"[^\s<>\"']+=[^\s<>\"']*")
 OUTCOME_OF: dict[FailureKind, str] = {
     "permanent": "permanent_error",
     "configuration": "config_error",
@@ -73,22 +78,63 @@ class ProviderFailure(Exception):
 
 
 def _retry_after(response: requests.Response) -> float | None:
+    """Delay-seconds or an HTTP-date (RFC 9110 10.2.3)."""
     value = response.headers.get("Retry-After")
     if value is None:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
         return None
 
 
-def classify(response: requests.Response) -> ProviderFailure | None:
-    """None for a usable token answer; otherwise the failure and its class."""
-    status = response.status_code
+def parse_body(response: requests.Response) -> Any:
+    """The JSON body; else a form-encoded answer (`error=invalid_grant&...`, as some
+    servers send, whatever their Content-Type says); None for anything else."""
     try:
-        body = response.json()
+        return response.json()
     except ValueError:
-        body = None
+        pass
+    text = response.text.strip()
+    if not FORM_BODY.fullmatch(text):  # an HTML page is garbage, whatever links it holds
+        return None
+    form = dict(parse_qsl(text))
+    return form if "error" in form or "access_token" in form else None
+
+
+def parse_scope(value: Any) -> list[str] | None:
+    """A `scope` as servers send it: space separated (RFC 6749 3.3), comma separated, or
+    a JSON list. None when absent or empty."""
+    if isinstance(value, list):
+        scopes = [item for item in value if isinstance(item, str) and item]
+    elif isinstance(value, str):
+        scopes = value.replace(",", " ").split()
+    else:
+        return None
+    return scopes or None
+
+
+def client_auth(provider: Provider, form: dict[str, str]) -> tuple[str, str] | None:
+    """Add the client's credentials to `form` (client_secret_post) or return the Basic
+    credentials, form-encoded first as RFC 6749 2.3.1 requires (client_secret_basic)."""
+    if provider.token_auth_method == "client_secret_basic":  # noqa: S105
+        return quote(provider.client_id or "", safe=""), quote(
+            provider.client_secret or "", safe=""
+        )
+    form["client_id"] = provider.client_id or ""
+    if provider.client_secret:
+        form["client_secret"] = provider.client_secret
+    return None
+
+
+def classify(response: requests.Response, body: Any) -> ProviderFailure | None:
+    """None for a usable token answer (`body` as parse_body read it); otherwise the
+    failure and its class."""
+    status = response.status_code
     if not isinstance(body, dict):
         return ProviderFailure("transient", "invalid_response", status, _retry_after(response))
     error = body.get("error")
@@ -119,13 +165,7 @@ def token_request(
 ) -> dict[str, Any]:
     """POST to the token endpoint with the provider's client authentication."""
     form = dict(data)
-    auth: tuple[str, str] | None = None
-    if provider.token_auth_method == "client_secret_basic":  # noqa: S105
-        auth = (provider.client_id or "", provider.client_secret or "")
-    else:
-        form["client_id"] = provider.client_id or ""
-        if provider.client_secret:
-            form["client_secret"] = provider.client_secret
+    auth = client_auth(provider, form)
     http = session or _session()
     try:
         response = http.post(
@@ -139,18 +179,22 @@ def token_request(
         raise ProviderFailure("transient", "timeout") from exc
     except requests.RequestException as exc:
         raise ProviderFailure("transient", "connection_error") from exc
-    failure = classify(response)
+    body = parse_body(response)
+    failure = classify(response, body)
     if failure is not None:
         raise failure
-    return response.json()
+    return body
 
 
 _local = threading.local()
 
 
 def _session() -> requests.Session:
-    """One pooled HTTP session per thread (a requests.Session is not shared across threads)."""
+    """One pooled HTTP session per thread (a requests.Session is not shared across threads).
+    It keeps no cookies: token endpoints set some (load balancers, Microsoft's `fpc`), and
+    one user's refresh must not carry them into another's."""
     session = getattr(_local, "session", None)
     if session is None:
         session = _local.session = requests.Session()
+        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     return session

@@ -31,16 +31,18 @@ from webapp.errors import (
     TokenRevoked,
 )
 from webapp.extensions import db, redis_store
+from webapp.logs import REDACTED
 from webapp.metrics import TOKEN_REFRESH_SECONDS, TOKEN_REFRESH_TOTAL
 from webapp.models import MailAccount, TokenRefreshAttempt, UserEmailToken, utcnow
 from webapp.providers import Provider
-from webapp.services.provider_http import ProviderFailure, token_request
+from webapp.services.provider_http import ProviderFailure, client_auth, parse_scope, token_request
 
 log = logging.getLogger("mailkey.tokens")
 
 ACCESS_COLUMN = "access_token_encrypted"
 REFRESH_COLUMN = "refresh_token_encrypted"
 MIN_VALIDITY = timedelta(minutes=5)
+MAX_EXPIRES_IN = 366 * 24 * 3600
 
 
 def provider_for(name: str) -> Provider:
@@ -87,14 +89,15 @@ def read_refresh_token(token: UserEmailToken) -> str | None:
 def apply_token_response(token: UserEmailToken, answer: dict[str, Any], now: datetime) -> None:
     """Copy a token endpoint answer into the row (encrypting the secrets)."""
     store_secrets(token, answer["access_token"], answer.get("refresh_token") or None)
-    try:
-        expires_in = int(answer.get("expires_in", 3600))
-    except (TypeError, ValueError):
+    try:  # servers send 3600, 3600.0, "3600" or nothing
+        expires_in = int(float(answer.get("expires_in", 3600)))
+    except (TypeError, ValueError, OverflowError):
         expires_in = 3600
-    token.expires_at = now + timedelta(seconds=max(expires_in, 0))
+    token.expires_at = now + timedelta(seconds=min(max(expires_in, 0), MAX_EXPIRES_IN))
     token.token_type = str(answer.get("token_type") or "Bearer")[:20]
-    if isinstance(answer.get("scope"), str) and answer["scope"].strip():
-        token.scopes = " ".join(answer["scope"].split())
+    scopes = parse_scope(answer.get("scope"))
+    if scopes:
+        token.scopes = " ".join(scopes)
 
 
 # --- lookups ------------------------------------------------------------------------------
@@ -244,7 +247,10 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
         outcome, error_code = failure.outcome, failure.error_code[:100]
         attempt.http_status = failure.http_status
         token.refresh_failure_count += 1
-        token.last_refresh_error = failure.summary
+        # Some servers echo what they were sent in error_description.
+        token.last_refresh_error = _scrub(
+            failure.summary, refresh_secret, provider.client_secret or ""
+        )
         if failure.kind == "permanent":
             mark_needs_reauth(token, failure.error_code)
     attempt.outcome, attempt.error_code = outcome, error_code
@@ -266,6 +272,13 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
     if failure is not None:
         raise _api_error(failure)
     return token
+
+
+def _scrub(text: str, *secrets: str) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
 
 
 def _api_error(failure: ProviderFailure) -> Exception:
@@ -355,12 +368,16 @@ def _revoke_at_provider(provider: Provider, token: UserEmailToken) -> tuple[bool
         secret = read_refresh_token(token) or read_access_token(token)
     except DecryptionError:
         return False, "the stored token could not be decrypted; revoked in Mailkey only"
-    data = {"token": secret}
-    if provider.client_id:
-        data["client_id"] = provider.client_id
+    hint = "refresh_token" if token.refresh_token_encrypted else "access_token"  # noqa: S105
+    data = {"token": secret, "token_type_hint": hint}
+    # RFC 7009 2.1: the client authenticates as it does at the token endpoint.
+    auth = client_auth(provider, data)
     try:
         response = requests.post(
-            provider.revoke_url, data=data, timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"]
+            provider.revoke_url,
+            data=data,
+            auth=auth,
+            timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"],
         )
     except requests.RequestException:
         return False, "the provider could not be reached; the token was revoked in Mailkey only"
