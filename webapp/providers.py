@@ -37,6 +37,9 @@ class Provider:
     token_auth_method: TokenAuthMethod = "client_secret_post"  # noqa: S105
     authorize_params: tuple[tuple[str, str], ...] = ()
     pkce: bool = True
+    # Send `scope` (the registry's scopes) with refresh_token grants. Microsoft needs it:
+    # without it the new access token may be for another resource than Outlook's.
+    refresh_with_scope: bool = False
 
     @property
     def configured(self) -> bool:
@@ -93,6 +96,7 @@ DEFAULTS: dict[str, dict] = {
         "smtp_port": 587,
         "smtp_security": "starttls",
         "address_source": "id_token",
+        "refresh_with_scope": True,
     },
     "yahoo": {
         "env_prefix": "YAHOO",

@@ -97,6 +97,43 @@ def test_microsoft_aadsts_permanent_code_is_needs_reauth(client, auth_headers, o
     assert refreshed.json["error"]["code"] == "needs_reauth"
 
 
+def test_microsoft_refresh_asks_for_its_scopes_and_google_for_none(
+    app, client, auth_headers, oauth_provider
+):
+    """Microsoft issues an access token for the resource the refresh asks for: without
+    `scope` it need not be Outlook's, and IMAP would refuse it."""
+    for name, address in (("microsoft", "scoped@contoso.com"), ("google", "plain@gmail.com")):
+        token_id = connect(client, auth_headers(), name, oauth_provider, address).json["id"]
+        assert _refresh(client, auth_headers(), token_id).status_code == 200
+        _endpoint, form, _headers = oauth_provider.requests[-1]
+        assert form["grant_type"] == "refresh_token"
+        if name == "microsoft":
+            assert form["scope"].split() == list(app.config["PROVIDERS"][name].scopes)
+        else:
+            assert "scope" not in form
+
+
+def test_a_refresh_asking_for_more_than_was_granted_is_refused(oauth_provider):
+    """The local provider checks a refresh's `scope` against the grant (RFC 6749 6)."""
+    import requests
+
+    issued = oauth_provider.issue_tokens_for("subset@example.com", scope="openid email")
+    form = {
+        "grant_type": "refresh_token",
+        "refresh_token": issued["refresh_token"],
+        "client_id": oauth_provider.client_id,
+        "client_secret": oauth_provider.client_secret,
+    }
+    wider = requests.post(
+        oauth_provider.url("token"), data={**form, "scope": "openid mail"}, timeout=10
+    )
+    assert wider.status_code == 400 and wider.json()["error"] == "invalid_scope"
+    narrower = requests.post(
+        oauth_provider.url("token"), data={**form, "scope": "email"}, timeout=10
+    )
+    assert narrower.status_code == 200
+
+
 def test_invalid_client_is_config_error_and_token_untouched(
     client, auth_headers, connected, oauth_provider
 ):

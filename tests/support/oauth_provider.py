@@ -523,6 +523,9 @@ class OAuthProvider:
             raise _OAuthError(400, "invalid_grant", "unknown refresh token")
         if not (record.alive and record.grant.alive):
             raise _OAuthError(400, "invalid_grant", "Token has been expired or revoked.")
+        requested = form.get("scope", "").split()
+        if not set(requested) <= set(record.grant.scope.split()):  # RFC 6749 6
+            raise _OAuthError(400, "invalid_scope", "scope exceeds the original grant")
         new_refresh = None
         if self.rotation in ("rotate", "strict"):
             new_refresh = self._new_refresh(record.grant)

@@ -214,9 +214,12 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
     failure: ProviderFailure | None = None
     answer: dict[str, Any] = {}
     try:
+        grant = {"grant_type": "refresh_token", "refresh_token": refresh_secret}
+        if provider.refresh_with_scope:
+            grant["scope"] = " ".join(provider.scopes)
         answer = token_request(
             provider,
-            {"grant_type": "refresh_token", "refresh_token": refresh_secret},
+            grant,
             timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"],
         )
     except ProviderFailure as exc:
