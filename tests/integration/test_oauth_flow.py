@@ -190,9 +190,18 @@ def test_consent_declined(client, auth_headers, oauth_provider):
     oauth_provider.deny_next = True
     params = authorize(start_login(client, headers)["authorization_url"])
     assert params["error"] == "access_denied"
+    params["error_description"] = "AADSTS65004: User declined to consent. Trace ID: " + "x" * 3000
     response = client.get("/api/v1/oauth/callback/google", query_string=params, headers=headers)
     assert response.status_code == 400 and response.json["error"]["code"] == "consent_denied"
     assert _count(UserEmailToken) == 0
+
+
+def test_an_oversized_state_is_just_unknown(client, auth_headers):
+    params = {"code": "c", "state": "s" * 600}
+    response = client.get(
+        "/api/v1/oauth/callback/google", query_string=params, headers=auth_headers()
+    )
+    assert response.status_code == 400 and response.json["error"]["code"] == "invalid_state"
 
 
 def test_missing_mail_scope_stores_nothing(client, auth_headers, oauth_provider):

@@ -61,9 +61,11 @@ class CallbackArgsSchema(ma.Schema):
         unknown = ma.EXCLUDE
 
     code = fields.String(validate=validate.Length(max=4096))
-    state = fields.String(validate=validate.Length(max=512))
+    # No length limits on what the provider wrote: an oversized state is simply unknown
+    # (400 invalid_state) and the description is never used.
+    state = fields.String()
     error = fields.String(validate=validate.Length(max=200))
-    error_description = fields.String(validate=validate.Length(max=2000))
+    error_description = fields.String()
 
 
 class RefreshArgsSchema(ma.Schema):
