@@ -241,6 +241,7 @@ class Settings:
         if jwt_secret and len(jwt_secret.encode()) < 32:
             r.errors.append("API_JWT_SECRET: must be at least 32 bytes")
 
+        provider_timeout = r.integer("PROVIDER_TIMEOUT_SECONDS", 10, 1, 120)
         redirect = r.url("OAUTH_REDIRECT_URI", r.get("OAUTH_REDIRECT_URI"), https_only=production)
         success = r.url(
             "OAUTH_SUCCESS_REDIRECT", r.get("OAUTH_SUCCESS_REDIRECT"), https_only=production
@@ -276,7 +277,10 @@ class Settings:
             CONSOLE_ENABLED=r.flag("CONSOLE_ENABLED", True),
             OAUTH_REDIRECT_URI=redirect,
             OAUTH_SUCCESS_REDIRECT=success,
-            PROVIDER_TIMEOUT_SECONDS=r.integer("PROVIDER_TIMEOUT_SECONDS", 10, 1, 120),
+            PROVIDER_TIMEOUT_SECONDS=provider_timeout,
+            # The per-token refresh lock outlives a provider answer that stalls several
+            # times (the timeout applies to each read), so two refreshes never overlap.
+            REFRESH_LOCK_SECONDS=max(60, 6 * provider_timeout),
             REFRESH_SCAN_SECONDS=r.integer("REFRESH_SCAN_SECONDS", 60, 5),
             REFRESH_AHEAD_SECONDS=r.integer("REFRESH_AHEAD_SECONDS", 600, 0),
             KEEPALIVE_DAYS=r.integer("KEEPALIVE_DAYS", 30, 1),

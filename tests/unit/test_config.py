@@ -116,3 +116,11 @@ def test_provider_overrides_and_tenant(tmp_path):
     assert microsoft.scopes[-1].endswith("IMAP.AccessAsUser.All")
     assert settings.PROVIDERS["yahoo"].revoke_url is None
     assert settings.PROVIDERS["google"].token_auth_method == "client_secret_basic"
+
+
+@pytest.mark.parametrize(("timeout", "lock"), [(None, 60), ("10", 60), ("30", 180), ("120", 720)])
+def test_refresh_lock_outlives_a_stalling_provider(tmp_path, timeout, lock):
+    env = {"MAILKEY_INSTANCE_PATH": str(tmp_path)}
+    if timeout:
+        env["PROVIDER_TIMEOUT_SECONDS"] = timeout
+    assert Settings.from_env(env).REFRESH_LOCK_SECONDS == lock
