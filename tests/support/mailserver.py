@@ -1210,7 +1210,18 @@ class _SmtpHandler:
         )
         return AuthResult(success=False, handled=True)
 
+    async def handle_RCPT(  # noqa: N802
+        self, server: Any, session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        refusal = self.owner.rcpt_replies.get(address)
+        if refusal:
+            return refusal
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:  # noqa: N802
+        if self.owner.data_replies:  # a scripted refusal: the message is not accepted
+            return self.owner.data_replies.pop(0)
         login = getattr(session.auth_data, "login", None)  # LoginPassword / _XOAuth2Identity
         auth_user = _to_str(login) if login else None
         data = envelope.original_content or envelope.content
@@ -1256,6 +1267,7 @@ class SmtpServer:
         gmail_style_errors: bool = True,
         server_hostname: str = "smtp.mailkey.test",
         data_size_limit: int = 35 * 1024 * 1024,
+        exclude_auth: tuple[str, ...] = (),
     ) -> None:
         if security not in ("starttls", "ssl"):
             raise ValueError("security must be 'starttls' or 'ssl'")
@@ -1271,6 +1283,11 @@ class SmtpServer:
         self.gmail_style_errors = gmail_style_errors
         self.server_hostname = server_hostname
         self.data_size_limit = data_size_limit
+        # Mechanisms not offered, e.g. ("XOAUTH2",) for a server with PLAIN/LOGIN only.
+        self.exclude_auth = exclude_auth
+        # Scripted refusals: RCPT TO address -> reply, and replies to the next DATAs.
+        self.rcpt_replies: dict[str, str] = {}
+        self.data_replies: list[str] = []
 
         self._own_workdir = workdir is None and tls_cert is None
         self.workdir: Path | None = None
@@ -1313,6 +1330,8 @@ class SmtpServer:
         with self._lock:
             self._messages.clear()
             self._auth_attempts.clear()
+            self.rcpt_replies.clear()
+            self.data_replies.clear()
 
     def wait_for_messages(self, count: int = 1, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Block until at least *count* messages were received; returns the snapshot."""
@@ -1396,7 +1415,7 @@ class SmtpServer:
         if self._controller is not None:
             return
         server_ctx = self._server_ssl_context()
-        exclude = [] if self.password_users else ["PLAIN", "LOGIN"]
+        exclude = [*([] if self.password_users else ["PLAIN", "LOGIN"]), *self.exclude_auth]
         kwargs: dict[str, Any] = {
             "hostname": self.host,
             "port": self.port,

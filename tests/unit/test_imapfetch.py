@@ -166,3 +166,45 @@ def test_snippet_folds_a_long_body_from_its_start():
     assert snippet == ("Hello there " + "x " * 30)[:50].rstrip()
     plain = snippet_text({}, b"word\r\n\r\n  " * 1000, limit=30)
     assert plain == ("word " * 6).strip()
+
+
+def test_parse_reads_items_in_any_order_and_ignores_look_alikes_in_quoted_strings():
+    """A server may send the body section first, as a quoted string that itself reads
+    like FETCH items; the items outside it are the message's."""
+    (first,) = _parse(
+        [
+            b'1 (BODY[]<0> "UID 9 FLAGS (\\\\Deleted) RFC822.SIZE 1" '
+            b'INTERNALDATE "07-Jul-2026 02:44:25 -0700" FLAGS (\\Seen) UID 3 RFC822.SIZE 20)'
+        ]
+    )
+    assert (first.uid, first.flags, first.size) == (3, ["\\Seen"], 20)
+    assert first.body == b"UID 9 FLAGS (\\Deleted) RFC822.SIZE 1"
+    assert internal_date(first.internaldate).isoformat() == "2026-07-07T09:44:25+00:00"
+    (nil,) = _parse([b"1 (UID 4 RFC822.SIZE 0 FLAGS () BODY[]<0> NIL)"])
+    assert (nil.uid, nil.size, nil.header, nil.body) == (4, 0, b"", b"")
+
+
+def test_envelope_drops_nul_characters_postgresql_cannot_store():
+    env = envelope(split_headers(b"Subject: =?utf-8?b?AGJhZA==?=\r\nMessage-ID: <a\x00@b>\r\n"))
+    assert (env.subject, env.message_id) == ("bad", "<a@b>")
+
+
+def test_fetch_flags_ignores_unsolicited_fetch_responses_without_a_uid():
+    """Without CONDSTORE (Office 365) an unsolicited FETCH for another session's change
+    names a sequence number only; it must not be taken for the UID of that number."""
+    from webapp.services.imapfetch import fetch_flags
+
+    imap = _FakeImap(
+        [
+            [
+                b"1 (UID 2 FLAGS (\\Seen))",
+                b"2 (FLAGS (\\Deleted \\Seen))",  # unsolicited: seq 2, UID unknown
+                b"2 (UID 3 FLAGS (\\Recent))",
+            ]
+        ]
+    )
+    assert fetch_flags(_FakeClient(imap), [2, 3], changedsince=None) == {2: ["\\Seen"], 3: []}
+    assert imap.commands == [("FETCH", "2,3", "(UID FLAGS)")]
+    imap = _FakeImap([[b"1 (UID 2 MODSEQ (8) FLAGS ())"]])
+    assert fetch_flags(_FakeClient(imap), [2, 3], changedsince=7) == {2: []}
+    assert imap.commands == [("FETCH", "2,3", "(UID FLAGS) (CHANGEDSINCE 7)")]

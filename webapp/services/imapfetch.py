@@ -28,6 +28,7 @@ FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)")
 INTERNALDATE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
 QUOTED_SECTION = re.compile(rb'\bBODY\[[^\]]*\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
+QUOTED = re.compile(rb'(INTERNALDATE )?"(?:[^"\\]|\\.)*"')
 UNFOLD = re.compile(r"\r?\n[ \t]+")
 BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 CHARSET = re.compile(r'charset="?([^";\s]+)"?', re.IGNORECASE)
@@ -65,6 +66,17 @@ def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
             # header fields end with a blank line, so _parse put them in .header
             long_headers[extra.uid].header = extra.header or extra.body
     return list(messages.values())
+
+
+def fetch_flags(
+    client: IMAPClient, uids: list[int], changedsince: int | None
+) -> dict[int, list[str]]:
+    """UID -> flags (CHANGEDSINCE: only those changed). Read here rather than through
+    IMAPClient, which files an unsolicited FETCH that names only a sequence number
+    (servers without CONDSTORE) under the UID of that number."""
+    items = "(UID FLAGS)" + (f" (CHANGEDSINCE {changedsince})" if changedsince is not None else "")
+    answers = _by_uid(_parse(_uid_fetch(client._imap, uids, items)), set(uids))  # noqa: SLF001
+    return {uid: m.flags for uid, m in answers.items() if m.flags is not None}
 
 
 def _by_uid(parsed: list[Fetched], requested: set[int]) -> dict[int, Fetched]:
@@ -122,6 +134,8 @@ def _parse(data: list[tuple[bytes, bytes] | bytes | None]) -> list[Fetched]:
 
 
 def _meta(message: Fetched, text: bytes) -> None:
+    if b'"' in text:  # a quoted body section may itself read "UID 9 FLAGS (...)"
+        text = QUOTED.sub(lambda match: match[0] if match[1] else b'""', text)
     if match := UID.search(text):
         message.uid = int(match.group(1))
     if match := SIZE.search(text):
@@ -164,7 +178,8 @@ def split_headers(header: bytes) -> dict[str, list[str]]:
     """Header name (lower-case) -> unfolded values. The email package's parser is
     exact but costs ~300 µs a message; these few fields need no more than this."""
     fields: dict[str, list[str]] = {}
-    for line in UNFOLD.sub(" ", header.decode("utf-8", "replace")).splitlines():
+    text = header.decode("utf-8", "replace").replace("\x00", "")  # PostgreSQL refuses NUL
+    for line in UNFOLD.sub(" ", text).splitlines():
         name, colon, value = line.partition(":")
         if colon:
             fields.setdefault(name.strip().lower(), []).append(value.strip())
@@ -180,7 +195,7 @@ def _decoded(value: str | None) -> str | None:
     if value is None or "=?" not in value:
         return value
     try:
-        return str(make_header(decode_header(value)))
+        return str(make_header(decode_header(value))).replace("\x00", "")
     except Exception:
         return value
 

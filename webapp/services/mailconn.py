@@ -46,6 +46,10 @@ class MailAuthFailed(Exception):
         super().__init__(self.server_message)
 
 
+class MailAuthUnsupported(MailAuthFailed):
+    """The server does not offer the mechanism the account needs: no refresh helps."""
+
+
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, ProviderUnavailable):
         return True  # the token could not be refreshed right now
@@ -53,6 +57,8 @@ def is_transient(error: BaseException) -> bool:
         return False  # a certificate problem needs an operator, not a retry
     if isinstance(error, smtplib.SMTPResponseException):
         return 400 <= error.smtp_code < 500
+    if isinstance(error, smtplib.SMTPException) and not isinstance(error, TRANSIENT_ERRORS):
+        return False  # no STARTTLS, no usable AUTH: an SMTPException is an OSError
     return isinstance(error, TRANSIENT_ERRORS) or (
         isinstance(error, OSError) and not isinstance(error, ssl.SSLError)
     )
@@ -118,6 +124,8 @@ def _with_auth_retry(account: MailAccount, login: Callable[[str | None], Any]) -
         raise MailAuthFailed("the account has no OAuth token")
     try:
         return login(get_valid_access_token(account.token_id))
+    except MailAuthUnsupported:
+        raise
     except MailAuthFailed:
         return login(get_valid_access_token(account.token_id, force_refresh=True))
 
@@ -198,6 +206,11 @@ def _smtp_login(account: MailAccount, access_token: str | None) -> smtplib.SMTP:
     user = account.username or account.email_address
     try:
         if access_token is not None:
+            offered = smtp.esmtp_features.get("auth", "")
+            if "XOAUTH2" not in offered.upper().split():
+                raise MailAuthUnsupported(
+                    f"the SMTP server does not offer XOAUTH2 (AUTH: {offered.strip() or 'none'})"
+                )
             answers = iter([xoauth2_string(user, access_token), ""])
             # On failure the server sends a 334 challenge with error details and
             # expects an empty line before its final 535.

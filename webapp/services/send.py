@@ -118,7 +118,7 @@ def deliver(send_id: int) -> OutboundMessage | None:
         recipients = [*request.get("to", []), *request.get("cc", []), *request.get("bcc", [])]
         try:
             with smtp_session(account) as smtp:
-                smtp.send_message(
+                refused = smtp.send_message(
                     build_message(account, send, request),
                     from_addr=account.email_address,
                     to_addrs=recipients,
@@ -128,7 +128,17 @@ def deliver(send_id: int) -> OutboundMessage | None:
         except MailAuthFailed as exc:
             return _fail(send, f"authentication failed: {exc.server_message}")
         except smtplib.SMTPRecipientsRefused as exc:
-            return _fail(send, f"recipients refused: {', '.join(exc.recipients)}")
+            error = f"recipients refused: {_refusals(exc.recipients)}"
+            if any(400 <= code < 500 for code, _reply in exc.recipients.values()):
+                db.session.rollback()  # greylisting, a full mailbox; nothing was sent yet
+                raise TransientSendError(error) from exc
+            return _fail(send, error)
+        except smtplib.SMTPResponseException as exc:
+            error = f"the SMTP server answered {exc.smtp_code} {_text(exc.smtp_error)}"
+            if is_transient(exc):
+                db.session.rollback()
+                raise TransientSendError(error) from exc
+            return _fail(send, error)
         except Exception as exc:
             if is_transient(exc):
                 db.session.rollback()
@@ -136,12 +146,23 @@ def deliver(send_id: int) -> OutboundMessage | None:
             return _fail(send, f"{type(exc).__name__}: {exc}")
         send.status = "sent"
         send.sent_at = utcnow()
-        send.error = None
+        # Sent to the others; retrying the refused ones would send it twice to those.
+        send.error = f"recipients refused: {_refusals(refused)}"[:2000] if refused else None
         send.payload_encrypted = None
         db.session.commit()
         SENDS_TOTAL.labels("sent").inc()
         log.info("mail_sent", extra={"event": "mail_sent", "send_id": send.id})
         return send
+
+
+def _refusals(recipients: dict[str, tuple[int, bytes]]) -> str:
+    return "; ".join(
+        f"{address} ({code} {_text(text)})" for address, (code, text) in recipients.items()
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
 
 
 def _fail(send: OutboundMessage, error: str) -> OutboundMessage:

@@ -22,6 +22,7 @@ from typing import Any
 
 from flask import current_app
 from imapclient import IMAPClient
+from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import Connection, Engine, delete, func, select, update
 
 from webapp.crypto import encrypt_field
@@ -32,6 +33,7 @@ from webapp.models import MailAccount, MailFolder, MailMessage, SyncRun, utcnow
 from webapp.services.imapfetch import (
     Fetched,
     envelope,
+    fetch_flags,
     fetch_new,
     internal_date,
     snippet_text,
@@ -199,7 +201,12 @@ def _sync_folders(account: MailAccount, client: IMAPClient, counts: Counts) -> N
         flag_names = [_text(flag) for flag in flags]
         if any(flag.lower() in ("\\noselect", "\\nonexistent") for flag in flag_names):
             continue
+        if name in seen:
+            continue  # listed twice
         seen.add(name)
+        info = _examine(account, client, name)
+        if info is None:
+            continue  # kept as stored; gone for good, the next LIST drops it
         folder = stored.get(name)
         if folder is None:
             folder = MailFolder(account_id=account.id, name=name, highest_uid=0, message_count=0)
@@ -207,25 +214,45 @@ def _sync_folders(account: MailAccount, client: IMAPClient, counts: Counts) -> N
         folder.delimiter = _text(delimiter) if delimiter else None
         folder.flags = flag_names
         db.session.flush()
-        _sync_folder(account, client, folder, condstore, counts)
+        _sync_folder(account, client, folder, info, condstore, counts)
     for name, folder in stored.items():
         if name not in seen:
-            counts.deleted += folder.message_count
+            counts.deleted += _stored_count(folder)
             db.session.delete(folder)
     db.session.commit()
 
 
+def _examine(account: MailAccount, client: IMAPClient, name: str) -> dict[bytes, Any] | None:
+    """EXAMINE a listed folder; None when the server answers NO (deleted since the LIST,
+    or one it lists but will not open), so one folder cannot fail every sync."""
+    try:
+        return client.select_folder(name, readonly=True)
+    except IMAPClientError as exc:
+        if isinstance(exc, IMAPClientAbortError):
+            raise
+        log.warning(
+            "folder_not_selectable: %s",
+            exc,
+            extra={"event": "folder_not_selectable", "account_id": account.id, "folder": name},
+        )
+        return None
+
+
 def _sync_folder(
-    account: MailAccount, client: IMAPClient, folder: MailFolder, condstore: bool, counts: Counts
+    account: MailAccount,
+    client: IMAPClient,
+    folder: MailFolder,
+    info: dict[bytes, Any],
+    condstore: bool,
+    counts: Counts,
 ) -> None:
-    info = client.select_folder(folder.name, readonly=True)
     uidvalidity = int(info[b"UIDVALIDITY"])
     exists = int(info.get(b"EXISTS", 0))
     uidnext = int(info[b"UIDNEXT"]) if b"UIDNEXT" in info else None
     modseq = _modseq(info) if condstore else None
 
     if folder.uidvalidity is not None and folder.uidvalidity != uidvalidity:
-        counts.deleted += folder.message_count
+        counts.deleted += _stored_count(folder)  # message_count is stale after a failed run
         db.session.execute(delete(MailMessage).where(MailMessage.folder_id == folder.id))
         folder.highest_uid = 0
         folder.highestmodseq = None
@@ -406,8 +433,8 @@ def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str,
 def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore: bool) -> int:
     """Flags changed since the last run: CHANGEDSINCE with CONDSTORE, else a FLAGS fetch.
 
-    IMAPClient keeps only answers for the ids it was asked about, so the stored UIDs
-    are sent in chunks rather than as one range.
+    Only answers for the UIDs asked about count, so the stored UIDs are sent in chunks
+    rather than as one range.
     """
     current = {
         uid: flags
@@ -417,17 +444,13 @@ def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore:
             )
         )
     }
-    modifiers = None
-    if condstore and folder.highestmodseq is not None:
-        modifiers = [f"CHANGEDSINCE {folder.highestmodseq}"]
+    changedsince = folder.highestmodseq if condstore else None
     uids = sorted(current)
     changed = 0
     for index in range(0, len(uids), FLAG_CHUNK):
-        response = client.fetch(uids[index : index + FLAG_CHUNK], ["FLAGS"], modifiers=modifiers)
-        for uid, data in response.items():
-            flags = [
-                text for text in map(_text, data.get(b"FLAGS", ())) if text.lower() != "\\recent"
-            ]
+        for uid, flags in fetch_flags(
+            client, uids[index : index + FLAG_CHUNK], changedsince
+        ).items():
             if sorted(current[uid]) != sorted(flags):
                 db.session.execute(
                     update(MailMessage)
