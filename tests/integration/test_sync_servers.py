@@ -21,6 +21,7 @@ from webapp.models import MailAccount, MailFolder, MailMessage, OutboundMessage
 from webapp.services import mailconn
 from webapp.services import send as send_service
 from webapp.services import sync as sync_service
+from webapp.services.imapfetch import FetchError
 from webapp.services.keys import account_password_aad
 
 _users = itertools.count()
@@ -206,6 +207,7 @@ def test_smtp_errors_that_a_retry_cannot_fix_are_permanent():
     assert not mailconn.is_transient(smtplib.SMTPNotSupportedError("STARTTLS not supported"))
     assert not mailconn.is_transient(smtplib.SMTPException("No suitable authentication method"))
     assert mailconn.is_transient(smtplib.SMTPServerDisconnected("gone"))
+    assert mailconn.is_transient(FetchError("FETCH failed: NO"))  # Gmail: try again later
     assert mailconn.is_transient(smtplib.SMTPDataError(451, b"4.3.0 later"))
 
 

@@ -24,6 +24,7 @@ from imapclient.exceptions import LoginError
 from webapp.crypto import decrypt_field
 from webapp.errors import HostNotAllowed, ProviderUnavailable
 from webapp.models import MailAccount
+from webapp.services.imapfetch import FetchError
 from webapp.services.keys import account_password_aad
 from webapp.services.tokens import get_valid_access_token
 
@@ -33,6 +34,7 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
     ConnectionError,
     imaplib.IMAP4.abort,
+    FetchError,  # a NO to FETCH: "Some messages could not be FETCHed" is Gmail's way of "later"
     smtplib.SMTPServerDisconnected,
     smtplib.SMTPConnectError,
 )
