@@ -81,10 +81,6 @@ class NotFound(MailkeyError):
     code, status, message = "not_found", 404, "not found"
 
 
-class Conflict(MailkeyError):
-    code, status, message = "conflict", 409, "conflict"
-
-
 class NeedsReauth(MailkeyError):
     code, status = "needs_reauth", 409
     message = "the mailbox must be reconnected: the grant is no longer valid"

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from webapp.crypto import DecryptionError, decrypt_field, encrypt_field
-from webapp.errors import Conflict, MailServerRejected, NeedsReauth, NotFound, TokenRevoked
+from webapp.errors import MailServerRejected, NotFound, ValidationFailed
 from webapp.extensions import db
 from webapp.models import (
     MailAccount,
@@ -26,8 +26,22 @@ from webapp.services.pagination import decode_cursor, encode_cursor, paginate
 from webapp.services.queue import enqueue
 from webapp.services.send import queue_send
 from webapp.services.sync import start_run
+from webapp.services.tokens import ensure_usable
 
 Owner = tuple[int, int]
+
+
+def _invalid(field: str, message: str) -> ValidationFailed:
+    """422 `validation_error`: DESIGN.md's error codes have no generic "conflict"."""
+    return ValidationFailed(message, fields={field: [message]})
+
+
+def _ensure_token_usable(account: MailAccount) -> None:
+    """409 `token_revoked` / `needs_reauth` now, rather than a sync or send that must fail."""
+    if account.uses_oauth and account.token_id is not None:
+        token = db.session.get(UserEmailToken, account.token_id)
+        if token is not None:
+            ensure_usable(token)
 
 
 def get_owned_account(owner: Owner, account_id: int) -> MailAccount:
@@ -93,7 +107,7 @@ def create_password_account(owner: Owner, data: dict[str, Any]) -> MailAccount:
         db.session.commit()
     except IntegrityError:
         db.session.rollback()
-        raise Conflict("an account for this address already exists") from None
+        raise _invalid("email_address", "an account for this address already exists") from None
     enqueue("tasks.sync.sync_account", account.id)
     return account
 
@@ -102,7 +116,9 @@ def update_account(owner: Owner, account_id: int, changes: dict[str, Any]) -> Ma
     account = get_owned_account(owner, account_id)
     if "password" in changes:
         if account.uses_oauth:
-            raise Conflict("OAuth accounts have no password; reconnect the mailbox instead")
+            raise _invalid(
+                "password", "OAuth accounts have no password; reconnect the mailbox instead"
+            )
         _try_login(
             account.incoming_server,
             account.incoming_port,
@@ -128,13 +144,11 @@ def delete_account(owner: Owner, account_id: int) -> None:
     db.session.commit()
 
 
-def list_folders(owner: Owner, account_id: int) -> list[MailFolder]:
+def list_folders(owner: Owner, account_id: int, limit: int, cursor: str | None) -> dict[str, Any]:
+    """In the order the sync first saw them (the server's LIST order)."""
     account = get_owned_account(owner, account_id)
-    return list(
-        db.session.scalars(
-            select(MailFolder).where(MailFolder.account_id == account.id).order_by(MailFolder.name)
-        )
-    )
+    query = select(MailFolder).where(MailFolder.account_id == account.id)
+    return paginate(query, MailFolder.id, limit, cursor)
 
 
 def list_messages(
@@ -195,6 +209,7 @@ def _message_view(message: MailMessage, folder_name: str) -> dict[str, Any]:
 def request_sync(owner: Owner, account_id: int) -> int:
     """The running run's id, or a new run enqueued for the workers."""
     account = get_owned_account(owner, account_id)
+    _ensure_token_usable(account)
     run, already_running = start_run(account)
     if not already_running:
         enqueue("tasks.sync.sync_account", account.id, run.id)
@@ -211,14 +226,9 @@ def send(
     owner: Owner, account_id: int, request: dict[str, Any], key: str | None
 ) -> OutboundMessage:
     account = get_owned_account(owner, account_id)
-    if account.uses_oauth and account.token_id is not None:
-        token = db.session.get(UserEmailToken, account.token_id)
-        if token is not None and token.status == "revoked":
-            raise TokenRevoked()
-        if token is not None and token.status == "needs_reauth":
-            raise NeedsReauth(reason=token.status_reason)
+    _ensure_token_usable(account)
     if not account.outgoing_server:
-        raise Conflict("the account has no SMTP server configured")
+        raise _invalid("smtp_host", "the account has no SMTP server configured")
     return queue_send(account, json.loads(json.dumps(request, default=str)), key)
 
 

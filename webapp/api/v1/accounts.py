@@ -75,11 +75,6 @@ class FolderSchema(ma.Schema):
     last_synced_at = Timestamp(allow_none=True)
 
 
-class FolderListSchema(ma.Schema):
-    items = fields.List(fields.Nested(FolderSchema))
-    next_cursor = fields.String(allow_none=True)
-
-
 class MessageSchema(ma.Schema):
     id = fields.Integer()
     folder = fields.String()
@@ -167,7 +162,7 @@ def list_accounts(limit: int, cursor: str | None) -> Any:
 @require_auth
 @blueprint.arguments(AccountCreateSchema)
 @blueprint.response(201, AccountSchema)
-@document_errors(blueprint, 400, 401, 409, 422)
+@document_errors(blueprint, 400, 401, 422)
 def create_account(data: dict[str, Any]) -> Any:
     """Add a password (IMAP LOGIN) account; the server is tried before it is saved."""
     return account_service.create_password_account(_owner(), data)
@@ -185,7 +180,7 @@ def get_account(account_id: int) -> Any:
 @require_auth
 @blueprint.arguments(AccountUpdateSchema)
 @blueprint.response(200, AccountSchema)
-@document_errors(blueprint, 400, 401, 404, 409, 422)
+@document_errors(blueprint, 400, 401, 404, 422)
 def update_account(changes: dict[str, Any], account_id: int) -> Any:
     if not changes:
         raise ValidationFailed(fields={"_schema": ["nothing to change"]})
@@ -202,10 +197,12 @@ def delete_account(account_id: int) -> None:
 
 @blueprint.route("/<id:account_id>/folders", methods=["GET"])
 @require_auth
-@blueprint.response(200, FolderListSchema)
+@blueprint.arguments(PageArgsSchema, location="query", as_kwargs=True)
+@blueprint.response(200, collection_schema(FolderSchema, "FolderPage"))
 @document_errors(blueprint, 401, 404)
-def folders(account_id: int) -> Any:
-    return {"items": account_service.list_folders(_owner(), account_id), "next_cursor": None}
+def folders(account_id: int, limit: int, cursor: str | None) -> Any:
+    """In the order the sync first saw them (the server's LIST order)."""
+    return account_service.list_folders(_owner(), account_id, limit, cursor)
 
 
 @blueprint.route("/<id:account_id>/messages", methods=["GET"])
@@ -220,7 +217,7 @@ def messages(account_id: int, **query: Any) -> Any:
 @blueprint.route("/<id:account_id>/sync", methods=["POST"])
 @require_auth
 @blueprint.response(202, SyncQueuedSchema)
-@document_errors(blueprint, 401, 404)
+@document_errors(blueprint, 401, 404, 409)
 def sync_now(account_id: int) -> Any:
     """Queue a sync (or answer the running one's id)."""
     return {"sync_run_id": account_service.request_sync(_owner(), account_id)}

@@ -20,7 +20,7 @@ function remember() {
 }
 
 async function loadFolders() {
-  const folders = (await api(`/accounts/${accountSelect.value}/folders`)).items;
+  const folders = (await api(`/accounts/${accountSelect.value}/folders?limit=500`)).items;
   folderSelect.replaceChildren(el("option", { value: "" }, "All folders"),
     ...folders.map((folder) => el("option", { value: folder.name }, `${folder.name} (${folder.message_count})`)));
   const folder = wanted.get("folder");
