@@ -203,8 +203,9 @@ def test_fetch_flags_ignores_unsolicited_fetch_responses_without_a_uid():
             ]
         ]
     )
-    assert fetch_flags(_FakeClient(imap), [2, 3], changedsince=None) == {2: ["\\Seen"], 3: []}
-    assert imap.commands == [("FETCH", "2,3", "(UID FLAGS)")]
-    imap = _FakeImap([[b"1 (UID 2 MODSEQ (8) FLAGS ())"]])
-    assert fetch_flags(_FakeClient(imap), [2, 3], changedsince=7) == {2: []}
-    assert imap.commands == [("FETCH", "2,3", "(UID FLAGS) (CHANGEDSINCE 7)")]
+    assert fetch_flags(_FakeClient(imap), {2, 3}, changedsince=None) == {2: ["\\Seen"], 3: []}
+    assert imap.commands == [("FETCH", "2:3", "(UID FLAGS)")]
+    # one range for the folder; UIDs in it that are not stored are left out
+    imap = _FakeImap([[b"1 (UID 2 MODSEQ (8) FLAGS ())", b"2 (UID 4 MODSEQ (9) FLAGS ())"]])
+    assert fetch_flags(_FakeClient(imap), {2, 5}, changedsince=7) == {2: []}
+    assert imap.commands == [("FETCH", "2:5", "(UID FLAGS) (CHANGEDSINCE 7)")]

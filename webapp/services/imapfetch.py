@@ -69,14 +69,17 @@ def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
 
 
 def fetch_flags(
-    client: IMAPClient, uids: list[int], changedsince: int | None
+    client: IMAPClient, known: set[int], changedsince: int | None
 ) -> dict[int, list[str]]:
-    """UID -> flags (CHANGEDSINCE: only those changed). Read here rather than through
-    IMAPClient, which files an unsolicited FETCH that names only a sequence number
-    (servers without CONDSTORE) under the UID of that number."""
+    """UID -> flags of the `known` messages (CHANGEDSINCE: only those changed), asked
+    for as one UID range and filtered here. Read here rather than through IMAPClient,
+    which files an unsolicited FETCH that names only a sequence number (servers
+    without CONDSTORE) under the UID of that number."""
+    if not known:
+        return {}
     items = "(UID FLAGS)" + (f" (CHANGEDSINCE {changedsince})" if changedsince is not None else "")
-    answers = _by_uid(_parse(_uid_fetch(client._imap, uids, items)), set(uids))  # noqa: SLF001
-    return {uid: m.flags for uid, m in answers.items() if m.flags is not None}
+    data = _uid_fetch(client._imap, f"{min(known)}:{max(known)}", items)  # noqa: SLF001
+    return {uid: m.flags for uid, m in _by_uid(_parse(data), known).items() if m.flags is not None}
 
 
 def _by_uid(parsed: list[Fetched], requested: set[int]) -> dict[int, Fetched]:
@@ -101,8 +104,9 @@ def _by_uid(parsed: list[Fetched], requested: set[int]) -> dict[int, Fetched]:
     return merged
 
 
-def _uid_fetch(imap: Any, uids: list[int], items: str) -> list[Any]:
-    status, data = imap.uid("FETCH", ",".join(map(str, uids)), items)
+def _uid_fetch(imap: Any, uids: list[int] | str, items: str) -> list[Any]:
+    uid_set = uids if isinstance(uids, str) else ",".join(map(str, uids))
+    status, data = imap.uid("FETCH", uid_set, items)
     if status != "OK":
         raise FetchError(f"FETCH failed: {status}")
     return data

@@ -18,12 +18,12 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from flask import current_app
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
-from sqlalchemy import Connection, Engine, delete, func, select, update
+from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
 
 from webapp.crypto import encrypt_field
 from webapp.errors import NeedsReauth, TokenRevoked
@@ -46,7 +46,6 @@ log = logging.getLogger("mailkey.sync")
 
 LOCK_KEY = "mailkey:lock:sync:{}"
 SYNC_TIME_LIMIT = 1800  # the sync task's hard limit; a lock or run older than this is stale
-FLAG_CHUNK = 1000
 SNIPPET_CHARS = 200
 
 
@@ -431,11 +430,8 @@ def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str,
 
 
 def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore: bool) -> int:
-    """Flags changed since the last run: CHANGEDSINCE with CONDSTORE, else a FLAGS fetch.
-
-    Only answers for the UIDs asked about count, so the stored UIDs are sent in chunks
-    rather than as one range.
-    """
+    """Flags changed since the last run: CHANGEDSINCE with CONDSTORE, else every stored
+    message's flags compared. One FETCH for the folder, one executemany of the changes."""
     current = {
         uid: flags
         for uid, flags in db.session.execute(
@@ -445,20 +441,22 @@ def _update_flags(client: IMAPClient, folder: MailFolder, known: int, condstore:
         )
     }
     changedsince = folder.highestmodseq if condstore else None
-    uids = sorted(current)
-    changed = 0
-    for index in range(0, len(uids), FLAG_CHUNK):
-        for uid, flags in fetch_flags(
-            client, uids[index : index + FLAG_CHUNK], changedsince
-        ).items():
-            if sorted(current[uid]) != sorted(flags):
-                db.session.execute(
-                    update(MailMessage)
-                    .where(MailMessage.folder_id == folder.id, MailMessage.uid == uid)
-                    .values(flags=flags)
-                )
-                changed += 1
-    return changed
+    changes = [
+        {"folder": folder.id, "message_uid": uid, "new_flags": flags}
+        for uid, flags in fetch_flags(client, set(current), changedsince).items()
+        if sorted(current[uid]) != sorted(flags)
+    ]
+    if changes:
+        table = cast(Table, MailMessage.__table__)  # Core: an executemany by (folder, uid)
+        statement = (
+            update(table)
+            .where(
+                table.c.folder_id == bindparam("folder"), table.c.uid == bindparam("message_uid")
+            )
+            .values(flags=bindparam("new_flags"))
+        )
+        db.session.connection().execute(statement, changes)
+    return len(changes)
 
 
 def _remove_expunged(client: IMAPClient, folder: MailFolder, known: int, exists: int) -> int:
