@@ -58,9 +58,11 @@ def list_accounts(owner: Owner, limit: int, cursor: str | None) -> dict[str, Any
     return paginate(query, MailAccount.id, limit, cursor)
 
 
-def _try_login(host: str, port: int, security: str, username: str, password: str) -> None:
+def _try_login(
+    host: str, port: int, security: str, username: str, password: str, address: str | None
+) -> None:
     try:
-        try_imap_login(host, port, security, username, password)
+        try_imap_login(host, port, security, username, password, address=address)
     except MailAuthFailed as exc:
         raise MailServerRejected(
             f"the IMAP server refused the login: {exc.server_message}"
@@ -74,13 +76,18 @@ def _try_login(host: str, port: int, security: str, username: str, password: str
 
 def create_password_account(owner: Owner, data: dict[str, Any]) -> MailAccount:
     """Check the hosts, try the login, then save (the password only as ciphertext)."""
-    check_user_host(data["imap_host"], data["imap_port"], "imap_host")
+    imap_address = check_user_host(data["imap_host"], data["imap_port"], "imap_host")
     if data.get("smtp_host"):
         check_user_host(data["smtp_host"], data["smtp_port"], "smtp_host")
     address = data["email_address"].strip().lower()
     username = data.get("username") or address
     _try_login(
-        data["imap_host"], data["imap_port"], data["imap_security"], username, data["password"]
+        data["imap_host"],
+        data["imap_port"],
+        data["imap_security"],
+        username,
+        data["password"],
+        imap_address,
     )
     account = MailAccount(
         organization_id=owner[0],
@@ -125,6 +132,7 @@ def update_account(owner: Owner, account_id: int, changes: dict[str, Any]) -> Ma
             account.incoming_security,
             account.username or account.email_address,
             changes["password"],
+            check_user_host(account.incoming_server, account.incoming_port, "imap_host"),
         )
         account.password_encrypted = encrypt_field(
             changes["password"], "pii", account_password_aad(account)

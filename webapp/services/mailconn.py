@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from flask import current_app
-from imapclient import IMAPClient
+from imapclient import IMAPClient, imap4, tls
 from imapclient.exceptions import LoginError
 
 from webapp.crypto import decrypt_field
@@ -83,8 +83,13 @@ def _tls_context(ca_file: str | None) -> ssl.SSLContext:
     return context
 
 
-def check_user_host(host: str, port: int, field: str) -> None:
-    """Hosts typed in by users must not reach private networks (no port scanning)."""
+def check_user_host(host: str, port: int, field: str) -> str | None:
+    """Hosts typed in by users must not reach private networks (no port scanning).
+
+    Returns the checked address to connect to, or None when private hosts are allowed
+    (connect by name). Connecting to that address, not to what the name resolves to a
+    moment later, closes the DNS-rebinding window between this check and the connect.
+    """
     allowed_ports = current_app.config["MAIL_ALLOWED_PORTS"]
     if port not in allowed_ports:
         raise HostNotAllowed(
@@ -92,7 +97,7 @@ def check_user_host(host: str, port: int, field: str) -> None:
             fields={field: [f"port must be one of {', '.join(map(str, allowed_ports))}"]},
         )
     if current_app.config["MAIL_ALLOW_PRIVATE_HOSTS"]:
-        return
+        return None
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror:
@@ -106,6 +111,14 @@ def check_user_host(host: str, port: int, field: str) -> None:
                 f"{host} resolves to a private, loopback or link-local address",
                 fields={field: ["host resolves to a non-public address"]},
             )
+    return str(infos[0][4][0])
+
+
+def _vetted_address(account: MailAccount, host: str, port: int, field: str) -> str | None:
+    """Registry hosts (OAuth accounts) are operator config; hosts a user typed are
+    checked again at every connection, since their DNS may change after the account
+    was saved."""
+    return None if account.uses_oauth else check_user_host(host, port, field)
 
 
 def xoauth2_string(user: str, access_token: str) -> str:
@@ -135,20 +148,64 @@ def _with_auth_retry(account: MailAccount, login: Callable[[str | None], Any]) -
 # --- IMAP ---------------------------------------------------------------------------------
 
 
-def _imap_open(host: str, port: int, security: str) -> IMAPClient:
+class _PinnedIMAP4(imap4.IMAP4WithTimeout):
+    """Plain IMAP (before STARTTLS) to a vetted address; IMAPClient's STARTTLS still
+    checks the certificate against the host name."""
+
+    def __init__(self, address: str, host: str, port: int, timeout: float | None) -> None:
+        self._address = address
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        return socket.create_connection((self._address, self.port), timeout or self._timeout)
+
+
+class _PinnedIMAP4TLS(tls.IMAP4_TLS):
+    """IMAP over TLS to a vetted address, the certificate checked against the host name."""
+
+    def __init__(self, address: str, host: str, port: int, context: Any, timeout: Any) -> None:
+        self._address = address
+        super().__init__(host, port, context, timeout)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        sock = socket.create_connection((self._address, self.port), timeout or self._timeout)
+        return tls.wrap_socket(sock, self.ssl_context, self.host)
+
+
+class _PinnedIMAPClient(IMAPClient):
+    """IMAPClient connecting to `address` when one is given, else to the host name."""
+
+    def __init__(self, address: str | None, host: str, **kwargs: Any) -> None:
+        self._address = address
+        super().__init__(host, **kwargs)
+
+    def _create_IMAP4(self) -> Any:
+        if self._address is None:
+            return super()._create_IMAP4()
+        timeout = getattr(self._timeout, "connect", None)
+        if self.ssl:
+            return _PinnedIMAP4TLS(self._address, self.host, self.port, self.ssl_context, timeout)
+        return _PinnedIMAP4(self._address, self.host, self.port, timeout)
+
+
+def _imap_open(host: str, port: int, security: str, address: str | None = None) -> IMAPClient:
     timeout = current_app.config["MAIL_TIMEOUT_SECONDS"]
     context = tls_context()
     if security == "starttls":
-        client = IMAPClient(host, port=port, ssl=False, timeout=timeout)
+        client = _PinnedIMAPClient(address, host, port=port, ssl=False, timeout=timeout)
         client.starttls(context)
     else:
-        client = IMAPClient(host, port=port, ssl=True, ssl_context=context, timeout=timeout)
+        client = _PinnedIMAPClient(
+            address, host, port=port, ssl=True, ssl_context=context, timeout=timeout
+        )
     client.normalise_times = False
     return client
 
 
 def _imap_login(account: MailAccount, access_token: str | None) -> IMAPClient:
-    client = _imap_open(account.incoming_server, account.incoming_port, account.incoming_security)
+    host, port = account.incoming_server, account.incoming_port
+    address = _vetted_address(account, host, port, "imap_host")
+    client = _imap_open(host, port, account.incoming_security, address)
     try:
         if access_token is not None:
             client.oauth2_login(account.username or account.email_address, access_token)
@@ -172,9 +229,12 @@ def imap_session(account: MailAccount) -> Iterator[IMAPClient]:
         _quietly(client.logout)
 
 
-def try_imap_login(host: str, port: int, security: str, username: str, password: str) -> None:
-    """Used before saving a password account: raises MailAuthFailed or a network error."""
-    client = _imap_open(host, port, security)
+def try_imap_login(
+    host: str, port: int, security: str, username: str, password: str, *, address: str | None
+) -> None:
+    """Used before saving a password account, with the address `check_user_host` vetted:
+    raises MailAuthFailed or a network error."""
+    client = _imap_open(host, port, security, address)
     try:
         client.login(username, password)
     except LoginError as exc:
@@ -186,13 +246,28 @@ def try_imap_login(host: str, port: int, security: str, username: str, password:
 # --- SMTP ---------------------------------------------------------------------------------
 
 
-def _smtp_open(host: str, port: int, security: str) -> smtplib.SMTP:
+class _PinnedSMTP(smtplib.SMTP):
+    """SMTP to a vetted address when one is given; TLS checks the host name (`_host`)."""
+
+    def __init__(self, address: str | None, *args: Any, **kwargs: Any) -> None:
+        self._address = address
+        super().__init__(*args, **kwargs)
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        return super()._get_socket(self._address or host, port, timeout)  # type: ignore[misc]
+
+
+class _PinnedSMTPSSL(_PinnedSMTP, smtplib.SMTP_SSL):
+    pass
+
+
+def _smtp_open(host: str, port: int, security: str, address: str | None = None) -> smtplib.SMTP:
     timeout = current_app.config["MAIL_TIMEOUT_SECONDS"]
     context = tls_context()
     if security == "ssl":
-        smtp: smtplib.SMTP = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+        smtp: smtplib.SMTP = _PinnedSMTPSSL(address, host, port, timeout=timeout, context=context)
     else:
-        smtp = smtplib.SMTP(host, port, timeout=timeout)
+        smtp = _PinnedSMTP(address, host, port, timeout=timeout)
         smtp.ehlo()
         smtp.starttls(context=context)
     smtp.ehlo()
@@ -202,9 +277,9 @@ def _smtp_open(host: str, port: int, security: str) -> smtplib.SMTP:
 def _smtp_login(account: MailAccount, access_token: str | None) -> smtplib.SMTP:
     if not account.outgoing_server or not account.outgoing_port:
         raise MailAuthFailed("the account has no SMTP server configured")
-    smtp = _smtp_open(
-        account.outgoing_server, account.outgoing_port, account.outgoing_security or "starttls"
-    )
+    host, port = account.outgoing_server, account.outgoing_port
+    address = _vetted_address(account, host, port, "smtp_host")
+    smtp = _smtp_open(host, port, account.outgoing_security or "starttls", address)
     user = account.username or account.email_address
     try:
         if access_token is not None:
