@@ -104,6 +104,9 @@ class JsonFormatter(logging.Formatter):
         payload.update(_extras(record))
         if record.exc_info:
             payload["exception"] = self.formatException(record.exc_info)
+        # Texts are redacted before json.dumps escapes their quotes: a JSON body quoted in
+        # a message would otherwise reach the line as {\"access_token\": \"...\"}.
+        payload = {k: redact(v) if isinstance(v, str) else v for k, v in payload.items()}
         return redact(json.dumps(payload, default=str))
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
+import sys
 
 import pytest
 
@@ -119,3 +121,18 @@ def test_gunicorn_access_log_uses_the_redacting_formatter():
     line = stream.getvalue()
     assert "code=[REDACTED]" in line and "state=[REDACTED]" in line
     assert "abc" not in line and "def" not in line
+
+
+def test_json_formatter_redacts_json_text_in_messages_and_exceptions():
+    """json.dumps escapes the quotes of a JSON body inside the message (a provider's
+    answer, an exception quoting one): the escaped form is redacted too."""
+    body = '{"access_token": "at-secret-value", "refresh_token": "rt-secret-value"}'
+    try:
+        raise ValueError(f"unexpected token answer: {body}")
+    except ValueError:
+        record = logging.getLogger("mailkey.test").makeRecord(
+            "mailkey.test", logging.ERROR, __file__, 1, "provider said %s", (body,), sys.exc_info()
+        )
+    line = JsonFormatter().format(record)
+    assert "at-secret-value" not in line and "rt-secret-value" not in line
+    assert json.loads(line)["message"].startswith("provider said")
