@@ -244,3 +244,10 @@ def test_bye_mid_fetch_over_starttls_is_retryable_and_loses_nothing(
     uids = db.session.scalars(sa.select(MailMessage.uid).where(MailMessage.folder_id == inbox.id))
     assert sorted(uids) == sorted(mail.imap.fetch_uids(user, "INBOX"))
     assert db.session.get(MailAccount, account.id).status == "active"
+
+
+def test_a_display_name_cannot_add_addresses_to_the_from_header():
+    account = MailAccount(email_address="me@example.com", display_name="Boss <ceo@bank.example>, x")
+    send = OutboundMessage(message_id="<id@example.com>")
+    message = send_service.build_message(account, send, {"to": ["bob@example.com"]})
+    assert [a.addr_spec for a in message["From"].addresses] == ["me@example.com"]

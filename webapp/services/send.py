@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import smtplib
+from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 from typing import Any
@@ -83,7 +84,8 @@ def build_message(
 ) -> EmailMessage:
     message = EmailMessage()
     sender = account.email_address
-    message["From"] = f"{account.display_name} <{sender}>" if account.display_name else sender
+    # Address quotes the display name: a name holding "<x@y>, " cannot add a sender.
+    message["From"] = Address(display_name=account.display_name or "", addr_spec=sender)
     if request.get("to"):
         message["To"] = ", ".join(request["to"])
     if request.get("cc"):
