@@ -120,3 +120,48 @@ def test_microsoft_sized_tokens_stay_in_the_heap_row(app):
     )
     assert db.session.scalar(sa.text(f"SELECT count(*) FROM {toast}")) == 0  # noqa: S608
     assert token_service.read_access_token(db.session.get(UserEmailToken, token.id)) == "a" * 2048
+
+
+def test_rotation_covers_every_pii_column_including_queued_sends(app, base_env):
+    """A send still in the outbox holds its message Fernet-encrypted with the PII key:
+    rotation must move it too, or dropping the old key would lose the message."""
+    import json
+
+    from webapp.crypto import decrypt_field, encrypt_field
+    from webapp.models import MailAccount, OutboundMessage
+    from webapp.services.keys import COLUMNS, account_password_aad, payload_aad
+
+    account = MailAccount(
+        organization_id=1, user_id=1, email_address="queue@example.com", provider="custom",
+        incoming_auth_method="password", incoming_server="imap.example.com", incoming_port=993,
+    )  # fmt: skip
+    account.password_encrypted = encrypt_field("pw", "pii", account_password_aad(account))
+    db.session.add(account)
+    db.session.flush()
+    send = OutboundMessage(
+        account_id=account.id, organization_id=1, message_id="<q@example.com>", status="queued"
+    )
+    db.session.add(send)
+    db.session.flush()
+    request = {"to": ["bob@example.com"], "subject": "still queued"}
+    send.payload_encrypted = encrypt_field(json.dumps(request), "pii", payload_aad(send.id))
+    db.session.commit()
+    assert "mail_sends.payload_encrypted" in {spec.name for spec in COLUMNS}
+
+    old = {name: base_env[name] for name in generate_keys()}
+    new = generate_keys()
+    env_b = {**base_env, **new, **{f"{name}_PREVIOUS": value for name, value in old.items()}}
+    rotate = _flask(env_b, "keys", "rotate")
+    out, err = rotate.communicate(timeout=60)
+    assert rotate.returncode == 0, err
+    assert "failed 0" in out
+
+    init_keyring(Keyring.from_settings(new))  # key B alone
+    try:
+        db.session.expire_all()
+        stored = db.session.get(OutboundMessage, send.id)
+        assert json.loads(decrypt_field(stored.payload_encrypted, "pii", payload_aad(send.id))) == (
+            request
+        )
+    finally:
+        init_keyring(Keyring.from_settings(app.config["ENCRYPTION"]))

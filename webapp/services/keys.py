@@ -25,7 +25,7 @@ from webapp.crypto import (
     reencrypt,
 )
 from webapp.extensions import db
-from webapp.models import MailAccount, MailMessage, UserEmailToken
+from webapp.models import MailAccount, MailMessage, OutboundMessage, UserEmailToken
 
 
 def token_aad(row: Any, column: str) -> str:
@@ -40,6 +40,10 @@ def account_password_aad(row: Any) -> str:
 
 def snippet_aad(folder_id: int, uid: int) -> str:
     return f"mailkey:v1|table=mail_messages|folder={folder_id}|uid={uid}|column=snippet"
+
+
+def payload_aad(send_id: int) -> str:
+    return f"mailkey:v1|table=mail_sends|id={send_id}|column=payload"
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,18 @@ TABLES: tuple[EncryptedTable, ...] = (
             ),
         ),
         (MailMessage.folder_id, MailMessage.uid),
+    ),
+    EncryptedTable(  # a queued send's message, until it is sent
+        OutboundMessage,
+        (
+            EncryptedColumn(
+                "mail_sends.payload_encrypted",
+                OutboundMessage.payload_encrypted,
+                EncryptionKeys.PII,
+                lambda row: payload_aad(row.id),
+            ),
+        ),
+        (),
     ),
 )
 COLUMNS: tuple[EncryptedColumn, ...] = tuple(c for table in TABLES for c in table.columns)

@@ -25,6 +25,7 @@ from webapp.errors import NeedsReauth, TokenRevoked
 from webapp.extensions import db, redis_store
 from webapp.metrics import SENDS_TOTAL
 from webapp.models import MailAccount, OutboundMessage, utcnow
+from webapp.services.keys import payload_aad
 from webapp.services.mailconn import MailAuthFailed, is_transient, smtp_session
 from webapp.services.queue import enqueue
 
@@ -33,10 +34,6 @@ log = logging.getLogger("mailkey.send")
 
 class TransientSendError(Exception):
     """The SMTP server or the network failed before the message was accepted."""
-
-
-def payload_aad(send_id: int) -> str:
-    return f"mailkey:v1|table=mail_sends|id={send_id}|column=payload"
 
 
 def queue_send(
