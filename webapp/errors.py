@@ -217,9 +217,24 @@ def internal_error_response() -> Response:
     )
 
 
+def undecryptable_response(error: Exception) -> Response:
+    """Safety net: stored data no key opens is the owner's to repair (reconnect), never a
+    500. Token reads mark the token themselves; this catches any other path."""
+    log.error("decryption_failed", extra={"event": "decryption_failed"})
+    return mailkey_error_response(
+        NeedsReauth(
+            "stored data cannot be decrypted; the mailbox must be reconnected",
+            reason="decryption_failed",
+        )
+    )
+
+
 def register_errorhandlers(app: Flask) -> None:
+    from webapp.crypto import DecryptionError
+
     app.register_error_handler(MailkeyError, mailkey_error_response)
     app.register_error_handler(HTTPException, http_exception_response)
+    app.register_error_handler(DecryptionError, undecryptable_response)
 
     @app.errorhandler(Exception)
     def _unhandled(error: Exception) -> Response:

@@ -338,3 +338,22 @@ def test_no_plaintext_or_key_material_in_reprs_and_errors() -> None:
             # No chained cryptography/codec exception (their .object/.doc may hold data).
             assert info.value.__cause__ is None
             assert info.value.__context__ is None or info.value.__suppress_context__
+
+
+def test_previous_keys_ignore_blanks_and_empty_items() -> None:
+    first, second = b64(b"1" * 32), b64(b"2" * 32)
+    for listed in (f"{first},{second},", f" {first} ,\n{second}\n", f",{first}, ,{second},,"):
+        ring = Keyring.from_settings({**KEYS, f"{OAUTH_VAR}_PREVIOUS": listed})
+        assert len(ring.fingerprints("oauth")) == 3
+        assert ring.name_of(ring.fingerprints("oauth")[2]) == f"{OAUTH_VAR}_PREVIOUS[1]"
+
+
+def test_current_key_repeated_in_previous_is_ignored_with_a_warning_naming_both(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with caplog.at_level("WARNING", logger="mailkey.crypto"):
+        ring = Keyring.from_settings({**KEYS, f"{OAUTH_VAR}_PREVIOUS": f"{KEYS[OAUTH_VAR]},"})
+    assert ring.fingerprints("oauth") == RING.fingerprints("oauth")
+    assert ring.current_fingerprint("oauth") == RING.current_fingerprint("oauth")
+    assert f"{OAUTH_VAR}_PREVIOUS[0] is the same key as {OAUTH_VAR}" in caplog.text
+    assert KEYS[OAUTH_VAR] not in caplog.text

@@ -10,6 +10,7 @@ import base64
 import binascii
 import enum
 import hashlib
+import logging
 import re
 from collections.abc import Callable, Mapping
 
@@ -43,6 +44,7 @@ ENV_VARS = {
     EncryptionKeys.PII: "ENCRYPTION_KEY_PII",
 }
 _STORED = re.compile(r"v1:([0-9a-f]{8}):(.+)", re.DOTALL)
+log = logging.getLogger("mailkey.crypto")
 
 
 def key_id_of(key_id: EncryptionKeys | str) -> EncryptionKeys:
@@ -109,11 +111,16 @@ def _parse_fernet(var: str, value: str) -> bytes:
 class Keyring:
     """Current key (encrypts) plus previous keys (decrypt only) for each key id."""
 
-    __slots__ = ("_rings",)
+    __slots__ = ("_names", "_rings")
 
-    def __init__(self, rings: Mapping[EncryptionKeys, list[bytes]]) -> None:
+    def __init__(
+        self,
+        rings: Mapping[EncryptionKeys, list[bytes]],
+        names: Mapping[str, str] | None = None,
+    ) -> None:
         # fingerprint -> material, current key first; duplicates collapse onto the first slot.
         self._rings = {kid: {fingerprint(m): m for m in keys} for kid, keys in rings.items()}
+        self._names = dict(names or {})  # fingerprint -> the variable that holds the key
         for kid, keys in rings.items():
             if len(self._rings[kid]) != len(set(keys)):
                 raise KeyConfigError(f"{ENV_VARS[kid]}: two keys share a fingerprint")
@@ -134,11 +141,17 @@ class Keyring:
                 keys = list(fallback)
             else:
                 raise KeyConfigError(f"{var}: required but not set")
+            # Comma-separated; blanks around items and empty items (",,", a trailing ",")
+            # are ignored.
             previous = (values.get(f"{var}_PREVIOUS") or "").split(",")
-            for i, item in enumerate(v.strip() for v in previous):
-                if item:
-                    name = f"{var}_PREVIOUS[{i}]"
-                    keys.append((name, parse(name, item)))
+            for i, item in enumerate(v.strip() for v in previous if v.strip()):
+                name = f"{var}_PREVIOUS[{i}]"
+                material = parse(name, item)
+                same = next((n for n, m in keys if m == material), None)
+                if same is not None:  # harmless (the first slot wins) but likely a paste error
+                    log.warning("%s is the same key as %s; ignored", name, same)
+                    continue
+                keys.append((name, material))
             return keys
 
         oauth = load(EncryptionKeys.OAUTH, _parse_aes)
@@ -150,8 +163,12 @@ class Keyring:
         for var, material in pii:
             if material in aes_owner:
                 raise KeyConfigError(f"{var}: must differ from {aes_owner[material]}")
-        loaded = zip(EncryptionKeys, (oauth, refresh, pii), strict=True)
-        return cls({kid: [m for _, m in keys] for kid, keys in loaded})
+        loaded = list(zip(EncryptionKeys, (oauth, refresh, pii), strict=True))
+        names: dict[str, str] = {}
+        for _kid, keys in loaded:
+            for var, material in keys:
+                names.setdefault(fingerprint(material), var)
+        return cls({kid: [m for _, m in keys] for kid, keys in loaded}, names)
 
     def _ring(self, key_id: EncryptionKeys | str) -> dict[str, bytes]:
         return self._rings[key_id_of(key_id)]
@@ -167,6 +184,10 @@ class Keyring:
 
     def materials(self, key_id: EncryptionKeys | str) -> list[bytes]:
         return list(self._ring(key_id).values())
+
+    def name_of(self, fp: str) -> str | None:
+        """The variable that holds the key with this fingerprint (never the key itself)."""
+        return self._names.get(fp)
 
     def material(self, key_id: EncryptionKeys | str, fp: str) -> bytes:
         try:

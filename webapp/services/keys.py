@@ -1,14 +1,19 @@
 """Key rotation: re-encrypt every ciphertext that is not under the current key.
 
 Safe while web, workers and beat run, and safe to kill at any point: each batch
-is its own transaction holding row locks (FOR UPDATE on PostgreSQL), a row is
-only ever rewritten with a ciphertext already checked to decrypt, and the next
-run picks up exactly the rows still under an old key. All ciphertext columns of
-a table are rewritten in one pass, by one UPDATE ... FROM (VALUES ...) a batch.
+is its own transaction holding row locks (FOR UPDATE SKIP LOCKED on PostgreSQL:
+rotation never waits on a row the service is writing, so it can never be part
+of a deadlock), a row is only ever rewritten with a ciphertext already checked
+to decrypt, and the next run picks up exactly the rows still under an old key.
+All ciphertext columns of a table are rewritten in one pass, one UPDATE a batch.
+Rows skipped because they were locked, or written under an old key meanwhile (a
+process still running with the old keys), are taken by sweep passes at the end;
+what still remains is reported, never silently left behind.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -160,11 +165,19 @@ def count_stale_rows(table: EncryptedTable) -> int:
 @dataclass
 class RotationReport:
     rotated: int = 0
-    failed: dict[str, list[int]] = field(default_factory=dict)
+    failed: dict[str, set[int]] = field(default_factory=dict)
+    # Ciphertexts still under an old key after the run that did not fail to decrypt:
+    # written under an old key during the run by a process not yet restarted.
+    remaining: int = 0
 
     @property
     def failed_count(self) -> int:
         return sum(len(ids) for ids in self.failed.values())
+
+    def merge(self, other: RotationReport) -> None:
+        self.rotated += other.rotated
+        for name, ids in other.failed.items():
+            self.failed.setdefault(name, set()).update(ids)
 
 
 def rotate_table(
@@ -195,7 +208,7 @@ def rotate_table(
             .limit(batch_size)
         )
         if postgres:
-            query = query.with_for_update(of=table.model)
+            query = query.with_for_update(of=table.model, skip_locked=True)
         rows = db.session.execute(query).all()
         if not rows:
             db.session.rollback()
@@ -211,7 +224,7 @@ def rotate_table(
                         changed = True
                         report.rotated += 1
                     except DecryptionError:
-                        report.failed.setdefault(spec.name, []).append(row.id)
+                        report.failed.setdefault(spec.name, set()).add(row.id)
                 values.append(value)
             if changed:
                 changes.append((row.id, *values))
@@ -236,9 +249,38 @@ def _write(table: EncryptedTable, changes: list[tuple[Any, ...]], postgres: bool
     db.session.connection().exec_driver_sql(sql, [(*values, row_id) for row_id, *values in changes])
 
 
+SWEEPS = 3
+
+
+def count_remaining(report: RotationReport) -> int:
+    """Ciphertexts still under an old key, not counting those that failed to decrypt."""
+    return sum(
+        max(0, count_stale(spec) - len(report.failed.get(spec.name, ()))) for spec in COLUMNS
+    )
+
+
 def rotate_all(batch_size: int, jobs: int, progress: Callable[[str, int], None]) -> RotationReport:
-    """Rotate every table, in `jobs` forked processes on PostgreSQL (crypto in Python and
-    writes in the database then overlap); `progress(table, rows)` is called as batches end."""
+    """Rotate every table, then sweep again (up to SWEEPS times, while a sweep still moves
+    rows) for rows that were locked or written under an old key during the pass.
+
+    `progress(table, rows)` is called as batches end."""
+    report = _rotate_pass(batch_size, jobs, progress)
+    sweeps = 0
+    while True:
+        report.remaining = count_remaining(report)
+        db.session.rollback()
+        if not report.remaining or sweeps == SWEEPS:
+            return report
+        sweep = _rotate_pass(batch_size, 1, lambda _name, _rows: None)
+        report.merge(sweep)
+        sweeps = sweeps + 1 if sweep.rotated else SWEEPS  # no progress: stop after a count
+
+
+def _rotate_pass(
+    batch_size: int, jobs: int, progress: Callable[[str, int], None]
+) -> RotationReport:
+    """One pass over every table, in `jobs` forked processes on PostgreSQL (crypto in
+    Python and writes in the database then overlap)."""
     if jobs <= 1 or db.engine.dialect.name != "postgresql":
         report = RotationReport()
         for table in TABLES:
@@ -253,7 +295,7 @@ def rotate_all(batch_size: int, jobs: int, progress: Callable[[str, int], None])
     events = context.Queue()
     app = current_app._get_current_object()  # type: ignore[attr-defined]
     db.session.remove()
-    with context.Pool(jobs, initializer=_child_init, initargs=(app, events)) as pool:
+    with context.Pool(jobs, initializer=_child_init, initargs=(app, events, os.getpid())) as pool:
         pending = pool.starmap_async(_rotate_shard, [(batch_size, (k, jobs)) for k in range(jobs)])
         while not pending.ready() or not events.empty():
             try:
@@ -262,16 +304,14 @@ def rotate_all(batch_size: int, jobs: int, progress: Callable[[str, int], None])
                 continue
         report = RotationReport()
         for part in pending.get():
-            report.rotated += part.rotated
-            for name, ids in part.failed.items():
-                report.failed.setdefault(name, []).extend(ids)
+            report.merge(part)
     return report
 
 
 _child: dict[str, Any] = {}
 
 
-def _child_init(app: Any, events: Any) -> None:
+def _child_init(app: Any, events: Any, parent: int) -> None:
     """In each forked process: the inherited app and queue (never pickled); and die with
     the parent (Linux), so a killed rotation leaves no process behind."""
     _child.update(app=app, events=events)
@@ -280,6 +320,8 @@ def _child_init(app: Any, events: Any) -> None:
         import signal
 
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl: nobody will signal
+            os._exit(1)
     with app.app_context():
         db.engine.dispose(close=False)  # the parent's sockets stay the parent's
 

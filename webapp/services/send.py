@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from webapp.crypto import decrypt_field, encrypt_field
+from webapp.crypto import DecryptionError, decrypt_field, encrypt_field
 from webapp.errors import NeedsReauth, TokenRevoked
 from webapp.extensions import db, redis_store
 from webapp.metrics import SENDS_TOTAL
@@ -111,7 +111,11 @@ def deliver(send_id: int) -> OutboundMessage | None:
         account = db.session.get(MailAccount, send.account_id)
         if account is None:
             return _fail(send, "the account was deleted")
-        request = json.loads(decrypt_field(send.payload_encrypted, "pii", payload_aad(send.id)))
+        try:
+            payload = decrypt_field(send.payload_encrypted, "pii", payload_aad(send.id))
+        except DecryptionError:  # tampered, or its key dropped: it can never be sent
+            return _fail(send, "the queued message cannot be decrypted")
+        request = json.loads(payload)
         send.attempts += 1
         db.session.commit()
         recipients = [*request.get("to", []), *request.get("cc", []), *request.get("bcc", [])]
