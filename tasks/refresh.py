@@ -37,12 +37,29 @@ def retry_countdown(retries: int, retry_after: float | None) -> float:
     return float(min(RETRY_CAP, max(backoff, retry_after or 0)))
 
 
-def _refresh_once(token_id: int, force: bool) -> tuple[dict[str, Any], ProviderUnavailable | None]:
+def _requested_at(value: str | None) -> datetime | None:
+    """The time the refresh was first queued (ISO 8601, as JSON carries it), if known."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _refresh_once(
+    token_id: int, force: bool, requested_at: str | None = None
+) -> tuple[dict[str, Any], ProviderUnavailable | None]:
     """One attempt; the outcome, and the transient error when it is worth a retry."""
     ahead = timedelta(seconds=current_app.config["REFRESH_AHEAD_SECONDS"])
     try:
         result = token_service.refresh_token(
-            token_id, trigger="task", force=force, ahead=max(ahead, token_service.MIN_VALIDITY)
+            token_id,
+            trigger="task",
+            force=force,
+            ahead=max(ahead, token_service.MIN_VALIDITY),
+            requested_at=_requested_at(requested_at),
         )
     except ProviderUnavailable as exc:
         return {"token_id": token_id, "outcome": "transient_error", "reason": exc.reason}, exc
@@ -59,11 +76,15 @@ def _refresh_once(token_id: int, force: bool) -> tuple[dict[str, Any], ProviderU
 
 
 @shared_task(bind=True, max_retries=3, acks_late=True)
-def refresh_token(self: Any, token_id: int, force: bool = False) -> dict[str, Any]:
+def refresh_token(
+    self: Any, token_id: int, force: bool = False, requested_at: str | None = None
+) -> dict[str, Any]:
     """Refresh one token if it is due (or always with force). Idempotent: a rerun of a
-    finished refresh finds the token fresh and skips. Transient provider errors retry
-    after 2, 4 and 8 s (or the provider's longer Retry-After); others end the task."""
-    outcome, transient = _refresh_once(token_id, force)
+    finished refresh finds the token fresh and skips, and so does a forced one given
+    `requested_at` (when it was queued, ISO 8601) once the token was refreshed since.
+    Transient provider errors retry after 2, 4 and 8 s (or the provider's longer
+    Retry-After); others end the task."""
+    outcome, transient = _refresh_once(token_id, force, requested_at)
     if transient is None:
         return outcome
     if self.request.retries >= self.max_retries:
@@ -80,18 +101,21 @@ def refresh_token(self: Any, token_id: int, force: bool = False) -> dict[str, An
 
 
 @shared_task(acks_late=True)
-def refresh_tokens(token_ids: list[int], force: bool = False) -> dict[str, int]:
+def refresh_tokens(
+    token_ids: list[int], force: bool = False, requested_at: str | None = None
+) -> dict[str, int]:
     """Fan-out batch: refresh each token in turn, under the same per-token lock. A token
     that fails transiently is handed to `refresh_token` as its first retry (after 2 s,
-    then 4 and 8), so the retry rule is the single task's."""
+    then 4 and 8), so the retry rule is the single task's. A batch run again after its
+    worker died skips the tokens it already refreshed, forced ones included."""
     counts: dict[str, int] = {}
     for token_id in token_ids:
-        outcome, transient = _refresh_once(token_id, force)
+        outcome, transient = _refresh_once(token_id, force, requested_at)
         counts[outcome["outcome"]] = counts.get(outcome["outcome"], 0) + 1
         if transient is not None:
             retry_after = getattr(transient, "provider_retry_after", None)
             refresh_token.apply_async(
-                args=[token_id, force],
+                args=[token_id, force, requested_at],
                 countdown=retry_countdown(0, retry_after),
                 retries=1,
                 ignore_result=True,
@@ -117,7 +141,7 @@ def enqueue_refreshes(token_ids: list[int], *, force: bool, task_name: str) -> i
     start = datetime.now(UTC)
     for index in range(0, len(claimed), FANOUT_BATCH):
         refresh_tokens.apply_async(
-            args=[claimed[index : index + FANOUT_BATCH], force],
+            args=[claimed[index : index + FANOUT_BATCH], force, start.isoformat()],
             eta=start + timedelta(seconds=index / rate),
             ignore_result=True,
         )

@@ -215,3 +215,16 @@ def test_async_refresh_runs_on_the_worker(client, auth_headers, oauth_provider):
         f"/api/v1/oauth/tokens/{token_id}/refresh?async=true", headers=auth_headers()
     )
     assert revoked.status_code == 409 and revoked.json["error"]["code"] == "token_revoked"
+
+
+def test_a_forced_refresh_delivered_twice_refreshes_once(client, auth_headers, oauth_provider):
+    """The broker hands a task out again when its worker died before acknowledging it;
+    a forced refresh carries the time it was queued, so the second run skips."""
+    token_id = _connect_many(client, auth_headers(), oauth_provider, 1)[0]
+    queued_at = utcnow().isoformat()
+    first = refresh_tasks.refresh_token.delay(token_id, True, queued_at).get(timeout=20)
+    again = refresh_tasks.refresh_token.delay(token_id, True, queued_at).get(timeout=20)
+    assert (first["outcome"], again["outcome"]) == ("refreshed", "skipped")
+    assert len(_attempts(token_id)) == 1
+    later = refresh_tasks.refresh_token.delay(token_id, True, utcnow().isoformat()).get(timeout=20)
+    assert later["outcome"] == "refreshed" and len(_attempts(token_id)) == 2

@@ -355,3 +355,49 @@ def test_twenty_concurrent_refreshes_from_four_processes_make_one_provider_call(
     assert oauth_provider.calls["token"] == calls + 1
     assert flat.count(True) == 1
     assert _token(connected).status == "active"
+
+
+def test_invalid_grant_for_a_refresh_token_replaced_meanwhile_keeps_the_grant(
+    app, connected, oauth_provider
+):
+    """The provider was slow, this refresh's lock ran out and another process rotated
+    the refresh token: the provider refuses the old one, but the grant lives on."""
+    import threading
+    import time
+
+    oauth_provider.script(
+        "token", ScriptedResponse(status=400, json={"error": "invalid_grant"}, delay=1.0)
+    )
+
+    def rotate_meanwhile() -> None:
+        time.sleep(0.3)
+        with app.app_context():
+            token = db.session.get(UserEmailToken, connected)
+            token_service.store_secrets(token, "newer-access", "newer-refresh")
+            db.session.commit()
+
+    other = threading.Thread(target=rotate_meanwhile)
+    other.start()
+    result = token_service.refresh_token(connected, trigger="test")
+    other.join()
+    assert result.refreshed is False
+    token = _token(connected)
+    assert token.status == "active" and token.refresh_failure_count == 0
+    assert token_service.read_refresh_token(token) == "newer-refresh"
+    assert db.session.scalars(sa.select(MailAccount)).one().status == "active"
+    attempt = db.session.scalars(sa.select(TokenRefreshAttempt)).one()
+    assert attempt.outcome == "permanent_error"
+
+
+def test_failure_counters_count_failures_and_reset_on_success(
+    client, auth_headers, connected, oauth_provider
+):
+    oauth_provider.script("token", ScriptedResponse(status=503, body="down"))
+    assert _refresh(client, auth_headers(), connected).status_code == 503
+    oauth_provider.script("token", ScriptedResponse(status=503, body="down"))
+    assert _refresh(client, auth_headers(), connected).status_code == 503
+    token = _token(connected)
+    assert token.refresh_failure_count == 2 and token.last_refresh_error
+    assert _refresh(client, auth_headers(), connected).status_code == 200
+    token = _token(connected)
+    assert token.refresh_failure_count == 0 and token.last_refresh_error is None

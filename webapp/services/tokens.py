@@ -170,14 +170,23 @@ def _busy() -> ProviderUnavailable:
 
 
 def refresh_token(
-    token_id: int, *, trigger: str = "api", force: bool = True, ahead: timedelta = MIN_VALIDITY
+    token_id: int,
+    *,
+    trigger: str = "api",
+    force: bool = True,
+    ahead: timedelta = MIN_VALIDITY,
+    requested_at: datetime | None = None,
 ) -> RefreshResult:
     """Refresh one token now. `force=False` skips a token valid for longer than `ahead`.
+
+    A token refreshed at or after `requested_at` (default: now) is not refreshed again,
+    forced or not: a task redelivered after its worker died, or retried after someone
+    else refreshed the token, passes the time it was first queued and skips.
 
     Raises NeedsReauth / TokenRevoked (409), ProviderConfigError (502) or
     ProviderUnavailable (503, with the provider's Retry-After).
     """
-    requested_at = utcnow()
+    requested_at = requested_at or utcnow()
     with _token_lock(token_id) as acquired:
         if not acquired:
             raise _busy()
@@ -190,11 +199,27 @@ def refresh_token(
             return RefreshResult(token, refreshed=False)
         if not force and token.expires_at and token.expires_at - utcnow() > ahead:
             return RefreshResult(token, refreshed=False)
-        return RefreshResult(_refresh_locked(token, trigger), refreshed=True)
+        refreshed_token, refreshed = _refresh_locked(token, trigger)
+        return RefreshResult(refreshed_token, refreshed=refreshed)
 
 
-def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
+def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken, bool]:
     provider = provider_for(token.provider)
+    if not provider.configured:
+        # Never send a user's refresh token to a provider without Mailkey's client id;
+        # the token is left as it is and nothing is counted against it.
+        log.error(
+            "provider_not_configured",
+            extra={
+                "event": "provider_not_configured",
+                "token_id": token.id,
+                "provider": provider.name,
+            },
+        )
+        raise ProviderConfigError(
+            f"provider {provider.name} is not configured: set {provider.client_id_var}",
+            reason="provider_not_configured",
+        )
     try:
         refresh_secret = read_refresh_token(token)
     except DecryptionError:
@@ -209,9 +234,11 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
             reason="no_refresh_token",
         )
 
+    sent_ciphertext = token.refresh_token_encrypted
     started_at = utcnow()
     clock = time.perf_counter()
     failure: ProviderFailure | None = None
+    stale = False
     answer: dict[str, Any] = {}
     try:
         grant = {"grant_type": "refresh_token", "refresh_token": refresh_secret}
@@ -249,13 +276,20 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
     else:
         outcome, error_code = failure.outcome, failure.error_code[:100]
         attempt.http_status = failure.http_status
-        token.refresh_failure_count += 1
-        # Some servers echo what they were sent in error_description.
-        token.last_refresh_error = _scrub(
-            failure.summary, refresh_secret, provider.client_secret or ""
+        # A refusal of a refresh token that was replaced while this attempt ran (by a
+        # process that took the lock after ours expired) says nothing about the grant,
+        # which lives on under the newer token: leave the row to that process.
+        stale = failure.kind == "permanent" and _rotated_meanwhile(
+            token, sent_ciphertext, refresh_secret
         )
-        if failure.kind == "permanent":
-            mark_needs_reauth(token, failure.error_code)
+        if not stale:
+            token.refresh_failure_count += 1
+            # Some servers echo what they were sent in error_description.
+            token.last_refresh_error = _scrub(
+                failure.summary, refresh_secret, provider.client_secret or ""
+            )
+            if failure.kind == "permanent":
+                mark_needs_reauth(token, failure.error_code)
     attempt.outcome, attempt.error_code = outcome, error_code
     db.session.add(attempt)
     db.session.commit()
@@ -272,9 +306,31 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> UserEmailToken:
             "trigger": trigger,
         },
     )
+    if failure is not None and stale:
+        log.warning(
+            "refresh_token_replaced_meanwhile",
+            extra={"event": "refresh_token_replaced_meanwhile", "token_id": token_id},
+        )
+        db.session.refresh(token)
+        return token, False
     if failure is not None:
         raise _api_error(failure)
-    return token
+    return token, True
+
+
+def _rotated_meanwhile(token: UserEmailToken, sent_ciphertext: str | None, sent: str) -> bool:
+    """Whether the stored refresh token is no longer the one this attempt sent. The
+    plaintexts are compared: `flask keys rotate` changes the ciphertext alone."""
+    stored = db.session.execute(
+        select(UserEmailToken.refresh_token_encrypted).where(UserEmailToken.id == token.id)
+    ).scalar_one_or_none()
+    if stored is None or stored == sent_ciphertext:
+        return False
+    try:
+        current = decrypt_aes_gcm(stored, "oauth_refresh", _aad(token, REFRESH_COLUMN))
+    except DecryptionError:
+        return False
+    return current != sent
 
 
 def _scrub(text: str, *secrets: str) -> str:

@@ -22,6 +22,7 @@ from webapp.api.v1.schemas_tokens import (
 )
 from webapp.auth import current_principal, require_auth
 from webapp.errors import MailkeyError
+from webapp.models import utcnow
 from webapp.services import oauth as oauth_service
 from webapp.services import tokens as token_service
 from webapp.services.queue import enqueue
@@ -132,7 +133,13 @@ def refresh(token_id: int, run_async: bool = False) -> Any:
     token = token_service.get_owned_token(current_principal().owner, token_id)
     if run_async:
         token_service.ensure_usable(token)  # 409 now rather than a silent task
-        queued = jsonify({"task_id": enqueue("tasks.refresh.refresh_token", token.id, True)})
+        queued = jsonify(
+            {
+                "task_id": enqueue(
+                    "tasks.refresh.refresh_token", token.id, True, utcnow().isoformat()
+                )
+            }
+        )
         queued.status_code = 202
         return queued
     return token_service.refresh_token(token.id, trigger="api").token
