@@ -11,7 +11,7 @@ from flask import current_app
 from sqlalchemy import or_, select
 from sqlalchemy.orm.exc import ObjectDeletedError
 
-from tasks.refresh import retry_countdown
+from tasks.refresh import RETRY_CAP, retry_countdown
 from webapp.extensions import db, redis_store
 from webapp.metrics import FANOUT_SIZE
 from webapp.models import MailAccount, utcnow
@@ -25,23 +25,26 @@ QUEUED_TTL = 1800  # frees an account whose queued task was lost with a killed w
 
 @shared_task(bind=True, max_retries=3, acks_late=True, soft_time_limit=1500, time_limit=1800)
 def sync_account(self: Any, account_id: int, run_id: int | None = None) -> dict[str, Any]:
-    """Sync one account; network and temporary server errors retry after 2, 4, 8 s."""
+    """Sync one account; network and temporary server errors retry after 2, 4, 8 s.
+    The beat marker is cleared however the task ends, unless a retry is pending: a
+    crash must not keep the account out of the schedule for QUEUED_TTL."""
+    retrying = False
     try:
         run = sync_service.sync_account(account_id, run_id)
     except sync_service.SyncBusy:
-        redis_store.client.delete(QUEUED_KEY.format(account_id))
         return {"account_id": account_id, "outcome": "busy"}
     except (LookupError, ObjectDeletedError):
         # The account was deleted before or during the sync.
         db.session.rollback()
-        redis_store.client.delete(QUEUED_KEY.format(account_id))
         return {"account_id": account_id, "outcome": "not_found"}
     except sync_service.TransientSyncError as exc:
         if self.request.retries >= self.max_retries:
-            redis_store.client.delete(QUEUED_KEY.format(account_id))
             return {"account_id": account_id, "outcome": "failed", "error": str(exc)}
+        retrying = True
         raise self.retry(exc=exc, countdown=retry_countdown(self.request.retries, None)) from None
-    redis_store.client.delete(QUEUED_KEY.format(account_id))
+    finally:
+        if not retrying:
+            redis_store.client.delete(QUEUED_KEY.format(account_id))
     db.session.refresh(run)
     return {
         "account_id": account_id,
@@ -93,4 +96,15 @@ def send_message(self: Any, send_id: int) -> dict[str, Any]:
             send_service.give_up(send_id, str(exc))
             return {"send_id": send_id, "status": "failed"}
         raise self.retry(exc=exc, countdown=retry_countdown(self.request.retries, None)) from None
-    return {"send_id": send_id, "status": send.status if send else "busy"}
+    if send is None:
+        # Another worker holds the send lock: a live one finishes the send, a killed one
+        # (whose task this may be, redelivered) left the lock to run out. Come back when
+        # it has: the send is then done, or still queued and this task sends it. Ending
+        # here would leave a killed worker's message queued forever.
+        remaining_ms = redis_store.client.pttl(send_service.SEND_LOCK_KEY.format(send_id))
+        if remaining_ms < 0:  # no lock held: the send row itself is gone (account deleted)
+            return {"send_id": send_id, "status": "not_found"}
+        countdown = min(RETRY_CAP, max(1.0, remaining_ms / 1000 + 1))
+        send_message.apply_async(args=[send_id], countdown=countdown)
+        return {"send_id": send_id, "status": "busy"}
+    return {"send_id": send_id, "status": send.status}

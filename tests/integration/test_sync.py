@@ -369,3 +369,39 @@ def test_server_without_condstore_gets_flag_changes_and_expunges(app, tmp_path):
         sa.select(MailMessage.flags).where(MailMessage.account_id == account.id)
     ).all()
     assert len(stored) == 6 and sum("\\Flagged" in flags for flags in stored) == 2
+
+
+def test_send_whose_lock_a_killed_worker_left_is_sent_once_the_lock_runs_out(
+    client, auth_headers, mailbox, mail
+):
+    """A worker killed mid-send leaves the send lock behind, and its task is redelivered
+    at once (reject_on_worker_lost): the redelivered task must come back after the lock
+    runs out rather than end and leave the message queued forever."""
+    from webapp.extensions import redis_store
+    from webapp.services.send import SEND_LOCK_KEY
+
+    account_id = mailbox["account_id"]
+    sequence = db.session.scalar(sa.text("SELECT pg_get_serial_sequence('mail_sends', 'id')"))
+    last, called = db.session.execute(
+        sa.text(f"SELECT last_value, is_called FROM {sequence}")  # noqa: S608
+    ).one()
+    next_id = last + 1 if called else last
+    redis_store.client.set(SEND_LOCK_KEY.format(next_id), "dead-worker", px=2500)
+    body = {"to": ["bob@example.com"], "subject": "Held", "text": "after the lock"}
+    response = client.post(f"/api/v1/accounts/{account_id}/send", json=body, headers=auth_headers())
+    assert response.status_code == 202 and response.json["send_id"] == next_id
+    messages = mail.smtp.wait_for_messages(1, timeout=20)
+    assert b"Subject: Held" in messages[0]["data"]
+    deadline = time.monotonic() + 10
+    while db.session.get(OutboundMessage, next_id, populate_existing=True).status == "queued":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert db.session.get(OutboundMessage, next_id).status == "sent"
+    assert len(mail.smtp.messages) == 1
+
+
+def test_send_task_of_a_deleted_send_ends_instead_of_requeueing(app):
+    """No row and no lock: the account (and its outbox) was deleted; nothing to wait for."""
+    from tasks.sync import send_message
+
+    assert send_message.apply(args=[987654]).get() == {"send_id": 987654, "status": "not_found"}

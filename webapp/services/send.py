@@ -32,6 +32,9 @@ from webapp.services.queue import enqueue
 log = logging.getLogger("mailkey.send")
 
 
+SEND_LOCK_KEY = "mailkey:lock:send:{}"
+
+
 class TransientSendError(Exception):
     """The SMTP server or the network failed before the message was accepted."""
 
@@ -102,7 +105,7 @@ def build_message(
 
 def deliver(send_id: int) -> OutboundMessage | None:
     """Send one queued message. Raises TransientSendError for a retry."""
-    with redis_store.locked(f"mailkey:lock:send:{send_id}", timeout=600, wait=5) as acquired:
+    with redis_store.locked(SEND_LOCK_KEY.format(send_id), timeout=600, wait=5) as acquired:
         if not acquired:
             return None
         send = db.session.get(OutboundMessage, send_id, populate_existing=True)
