@@ -26,6 +26,7 @@ from webapp.api.v1.schemas_tokens import TokenSchema
 from webapp.cli_support import (
     FAILED,
     OK,
+    UNAVAILABLE,
     Outcome,
     describe,
     non_negative_int,
@@ -176,6 +177,8 @@ def refresh_one(token_id: int) -> Outcome:
         result = refresh_token(token_id, trigger="cli", force=True)
     except (NeedsReauth, TokenRevoked) as exc:
         return Outcome(token_id, "needs_reauth", describe(exc))
+    except UNAVAILABLE:
+        raise  # the database or Redis is down: every other token would fail too
     except Exception as exc:
         db.session.rollback()
         if not isinstance(exc, MailkeyError):
@@ -196,7 +199,9 @@ def run(args: argparse.Namespace) -> int:
     return work_or_enqueue(
         {token.id: token.email_address for token in tokens},
         enqueue_task=REFRESH_TASK if args.enqueue else None,
-        enqueue_args=(True,),
+        # Forced, and queued now: a task redelivered after its worker died skips a token
+        # it already refreshed.
+        enqueue_args=(True, now.isoformat()),
         work=refresh_one,
         label="Refreshing",
         keys=OUTCOMES,
@@ -209,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_in_app(lambda: run(args))
+    # Listing reads the database only; refreshing takes Redis locks, enqueueing its broker.
+    return run_in_app(lambda: run(args), needs_redis=not (args.list or args.dry_run))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from sqlalchemy import select
 from webapp.cli_support import (
     FAILED,
     OK,
+    UNAVAILABLE,
     Outcome,
     describe,
     positive_int,
@@ -100,6 +101,8 @@ def sync_one(account_id: int) -> Outcome:
         run = sync_service.sync_account(account_id)
     except sync_service.SyncBusy:
         return Outcome(account_id, "skipped", "another sync of this account is running")
+    except UNAVAILABLE:
+        raise  # the database or Redis is down: every other account would fail too
     except Exception as exc:
         db.session.rollback()
         return Outcome(account_id, "failed", describe(exc))
@@ -129,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run_in_app(lambda: run(args))
+    return run_in_app(lambda: run(args), needs_redis=not args.dry_run)
 
 
 if __name__ == "__main__":

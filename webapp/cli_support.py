@@ -17,6 +17,9 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import redis
+import sqlalchemy as sa
+from kombu.exceptions import OperationalError as BrokerError
 from rich.console import Console
 from rich.progress import Progress
 
@@ -25,7 +28,24 @@ from webapp.errors import MailkeyError
 from webapp.logs import redact
 
 OK, FAILED = 0, 1
+INTERRUPTED = 130
 PROGRESS_THRESHOLD = 5
+# A database or Redis that cannot be reached fails every item alike: stop the run.
+UNAVAILABLE = (
+    sa.exc.OperationalError,
+    sa.exc.InterfaceError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    BrokerError,
+)
+
+
+class Aborted(Exception):
+    """A run stopped part way: the outcomes so far and why."""
+
+    def __init__(self, outcomes: list[Outcome], total: int, reason: str) -> None:
+        super().__init__(reason)
+        self.outcomes, self.total, self.reason = outcomes, total, reason
 
 
 @dataclass
@@ -55,6 +75,8 @@ def positive_int(text: str) -> int:
 def describe(exc: Exception) -> str:
     """A short, secret-free description of a failure."""
     if isinstance(exc, MailkeyError):
+        if exc.reason == "provider_not_configured":
+            return f"{exc.code}: {exc.message}"  # names the variable to set
         return f"{exc.code}: {exc.reason}" if exc.reason else exc.code
     return redact(f"{type(exc).__name__}: {exc}")[:200]
 
@@ -88,17 +110,51 @@ def logs_above_progress() -> Iterator[None]:
             handler.setStream(stream)
 
 
+def unavailable_message(exc: BaseException) -> str:
+    """Which service is down, where (never with its password), and what it said."""
+    from flask import current_app
+
+    if isinstance(exc, sa.exc.DBAPIError):
+        url = sa.engine.make_url(current_app.config["SQLALCHEMY_DATABASE_URI"])
+        where = url.database if url.drivername.startswith("sqlite") else _where(url)
+        detail = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else ""
+        return redact(f"the database at {where} is unavailable: {detail or type(exc).__name__}")
+    url = sa.engine.make_url(current_app.config["REDIS_URL"])
+    detail = " ".join(str(exc).split()) or type(exc).__name__
+    return redact(f"Redis at {_where(url)} is unavailable: {detail}")
+
+
+def _where(url: sa.engine.URL) -> str:
+    return f"{url.host or 'localhost'}:{url.port or ''}/{url.database or ''}".replace(":/", "/")
+
+
+def check_services(*, needs_redis: bool) -> None:
+    """Fail fast, before any work, when the database (or Redis, when needed) is down."""
+    from webapp.extensions import db, redis_store
+
+    db.session.execute(sa.text("SELECT 1"))
+    db.session.rollback()
+    if needs_redis:
+        redis_store.client.ping()
+
+
 def run_each(ids: list[int], work: Callable[[int], Outcome], label: str) -> list[Outcome]:
-    """Run `work` on every id, with a progress bar on stderr for long runs."""
-    if len(ids) <= PROGRESS_THRESHOLD:
-        return [work(item) for item in ids]
-    outcomes = []
-    with Progress(console=Console(stderr=True), redirect_stdout=False) as progress:
-        task = progress.add_task(label, total=len(ids))
-        with logs_above_progress():
+    """Run `work` on every id, with a progress bar on stderr for long runs. A database
+    or Redis failure stops the run (Aborted) instead of failing every item in turn."""
+    outcomes: list[Outcome] = []
+    try:
+        if len(ids) <= PROGRESS_THRESHOLD:
             for item in ids:
                 outcomes.append(work(item))
-                progress.advance(task)
+            return outcomes
+        with Progress(console=Console(stderr=True), redirect_stdout=False) as progress:
+            task = progress.add_task(label, total=len(ids))
+            with logs_above_progress():
+                for item in ids:
+                    outcomes.append(work(item))
+                    progress.advance(task)
+    except UNAVAILABLE as exc:
+        raise Aborted(outcomes, len(ids), unavailable_message(exc)) from None
     return outcomes
 
 
@@ -132,8 +188,10 @@ def enqueue_one(task_name: str, item: int, *args: Any) -> Outcome:
 
     try:
         enqueue(task_name, item, *args)
+    except UNAVAILABLE:
+        raise
     except Exception as exc:
-        return Outcome(item, "failed", describe(exc))
+        raise BrokerError(describe(exc)) from exc
     return Outcome(item, "enqueued")
 
 
@@ -152,30 +210,68 @@ def work_or_enqueue(
 ) -> int:
     """Do the work in-process (or hand it to the workers), then report; the exit status."""
     ids = list(names)
+    aborted: Aborted | None = None
     if enqueue_task:
-        outcomes = run_each(
-            ids, lambda item: enqueue_one(enqueue_task, item, *enqueue_args), "Enqueueing"
-        )
         keys = ("enqueued", "failed")
+        try:
+            outcomes = run_each(
+                ids, lambda item: enqueue_one(enqueue_task, item, *enqueue_args), "Enqueueing"
+            )
+        except Aborted as exc:
+            outcomes, aborted = exc.outcomes, exc
     else:
-        outcomes = run_each(ids, work, label)
-    return report(
+        try:
+            outcomes = run_each(ids, work, label)
+        except Aborted as exc:
+            outcomes, aborted = exc.outcomes, exc
+    status = report(
         outcomes, keys, as_json=as_json, noun=noun, names=names, labels=labels, failing=failing
     )
+    if aborted is not None:
+        print(
+            f"error: {aborted.reason}; stopped after {len(aborted.outcomes)} of "
+            f"{aborted.total} {noun}s",
+            file=sys.stderr,
+        )
+        return FAILED
+    return status
 
 
-def run_in_app(run: Callable[[], int]) -> int:
-    """Build the app from the environment and run inside its context."""
+def run_in_app(run: Callable[[], int], *, needs_redis: bool = True) -> int:
+    """Build the app from the environment and run inside its context. A bad setting or
+    a database or Redis that cannot be reached ends the run with one clear line on
+    stderr and exit status 1: no traceback, and never a password from a URL."""
     from webapp import create_app
     from webapp.extensions import db
 
     try:
         app = create_app()
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return FAILED
+    except Exception as exc:  # e.g. a DATABASE_URL that SQLAlchemy cannot load
+        print(f"error: cannot start: {describe(exc)}", file=sys.stderr)
         return FAILED
     with app.app_context():
         try:
+            check_services(needs_redis=needs_redis)
             return run()
+        except UNAVAILABLE as exc:
+            print(f"error: {unavailable_message(exc)}", file=sys.stderr)
+            return FAILED
+        except (sa.exc.SQLAlchemyError, redis.RedisError) as exc:
+            hint = ""
+            if isinstance(exc, sa.exc.ProgrammingError):
+                hint = " (is the schema migrated? run `make migrate`)"
+            detail = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+            message = f"{type(exc).__name__}: {detail[0] if detail else ''}"
+            print(f"error: {redact(message)}{hint}", file=sys.stderr)
+            return FAILED
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            return INTERRUPTED
         finally:
-            db.session.remove()
+            try:
+                db.session.remove()
+            except Exception:  # noqa: S110 - a dead connection must not mask the message
+                pass

@@ -50,6 +50,8 @@ _PATTERNS: list[tuple[re.Pattern[str], str]] = [
         re.compile(rf"(?i)([\"']?(?:[a-z_]*(?:{SECRET_NAMES}))[\"']?\s*[:=]\s*)([\"'])(.*?)\2"),
         rf"\1\2{REDACTED}\2",
     ),
+    # Passwords in connection URLs: postgresql://user:password@host, redis://:password@host
+    (re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^:/@\s]*:)[^@\s/]+@"), rf"\1{REDACTED}@"),
     # Mailkey ciphertexts (v1:<fp>:<payload>)
     (re.compile(r"\bv1:([0-9a-f]{8}):[A-Za-z0-9\-_=]{16,}"), rf"v1:\1:{REDACTED}"),
     # Key-like values in NAME=value lines

@@ -377,3 +377,70 @@ def test_enqueue_sends_forced_refresh_tasks_to_the_workers(base_env, mailboxes, 
     one = run_cli(base_env, "--token-id", str(mailboxes["far"]), "--enqueue")
     assert one.returncode == 0 and one.stdout.strip() == "enqueued 1, failed 0"
     wait_for(lambda: mailboxes["far"] in attempted_ids())
+
+
+DB_DOWN = "postgresql+psycopg://mailkey:db-pass-s3cret@127.0.0.1:9/mailkey"
+REDIS_DOWN = "redis://:redis-pass-s3cret@127.0.0.1:9/0"
+
+
+@pytest.mark.parametrize(
+    ("override", "args", "expected"),
+    [
+        ({"DATABASE_URL": DB_DOWN}, ["--list"], "the database at 127.0.0.1:9/mailkey"),
+        ({"DATABASE_URL": DB_DOWN}, ["--refresh-all"], "the database at 127.0.0.1:9/mailkey"),
+        ({"REDIS_URL": REDIS_DOWN}, ["--refresh-all"], "Redis at 127.0.0.1:9/0 is unavailable"),
+        (
+            {"REDIS_URL": REDIS_DOWN},
+            ["--refresh-all", "--enqueue"],
+            "Redis at 127.0.0.1:9/0 is unavailable",
+        ),
+        (
+            {"DATABASE_URL": DB_DOWN.replace("postgresql+psycopg", "postgres")},
+            ["--list"],
+            "error: cannot start",
+        ),
+    ],
+    ids=["db-list", "db-refresh", "redis-refresh", "redis-enqueue", "bad-url"],
+)
+def test_an_unreachable_service_is_one_clear_line_and_exit_1(base_env, override, args, expected):
+    result = run_cli({**base_env, **override}, *args)
+    assert result.returncode == 1, result.stderr
+    assert expected in result.stderr and result.stderr.startswith("error: ")
+    assert "Traceback" not in result.stderr and result.stdout == ""
+    assert "s3cret" not in result.stdout + result.stderr
+
+
+def test_listing_needs_no_redis(base_env, migrated_app):
+    result = run_cli({**base_env, "REDIS_URL": REDIS_DOWN}, "--list", "--json")
+    assert result.returncode == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
+
+
+def test_sync_cli_with_the_database_down_exits_1_without_a_traceback(base_env):
+    result = subprocess.run(
+        [sys.executable, "scripts/sync_accounts.py", "--all"],
+        env={**os.environ, **base_env, "DATABASE_URL": DB_DOWN},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the database at 127.0.0.1:9/mailkey is unavailable")
+    assert "Traceback" not in result.stderr and "s3cret" not in result.stderr
+
+
+def test_an_unconfigured_provider_fails_without_a_provider_call(
+    base_env, connect_many, auth_headers, oauth_provider
+):
+    ids = connect_many({"g": ("google", "g@example.com", auth_headers())})
+    calls = oauth_provider.calls["token"]
+    result = run_cli({**base_env, "GOOGLE_CLIENT_ID": ""}, "--token-id", str(ids["g"]))
+    assert result.returncode == 1, result.stderr
+    assert "failed (provider_config_error: provider google is not configured: set " in (
+        result.stdout
+    )
+    assert "GOOGLE_CLIENT_ID" in result.stdout
+    assert oauth_provider.calls["token"] == calls
+    token = token_row(ids["g"])
+    assert token.status == "active" and token.refresh_failure_count == 0
