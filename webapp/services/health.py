@@ -15,9 +15,10 @@ expressions where the SQL differs (durations, hour buckets, p95).
 
 Exact counts have to visit every row: for an organization with a million tokens that
 is several hundred milliseconds however the query is written. So a computation that
-took longer than SNAPSHOT_WHEN_SLOWER_THAN is kept in Redis for SNAPSHOT_SECONDS and
-served from there (`generated_at` says when it was computed); a cheap one is never
-cached, so small organizations always see live figures.
+took longer than SNAPSHOT_WHEN_SLOWER_THAN over at least SNAPSHOT_MIN_ROWS rows is kept
+in Redis for SNAPSHOT_SECONDS and served from there (`generated_at` says when it was
+computed). Below that size a slow computation is a hiccup (a new connection, a loaded
+machine), not the organization's size, so small organizations always see live figures.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ log = logging.getLogger("mailkey.health")
 
 SNAPSHOT_SECONDS = 30
 SNAPSHOT_WHEN_SLOWER_THAN = 0.1  # seconds: the API's latency target
+SNAPSHOT_MIN_ROWS = 10_000  # fewer rows are counted in a few ms: always live
 SNAPSHOT_PREFIX = "mailkey:health:"
 REFRESH_WINDOW = timedelta(hours=24)
 SYNC_WINDOW = timedelta(hours=24)
@@ -66,8 +68,11 @@ def _decode(value: dict[str, Any]) -> Any:
     return datetime.fromisoformat(value["$dt"]) if set(value) == {"$dt"} else value
 
 
-def _snapshot(key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """`compute()`, or its recent result when computing it was slow (see the module doc).
+def _snapshot(
+    key: str, compute: Callable[[], dict[str, Any]], rows: Callable[[dict[str, Any]], int]
+) -> dict[str, Any]:
+    """`compute()`, or its recent result when computing it was slow over many rows
+    (`rows(result)`, see the module doc).
 
     Redis trouble only costs the cache: the figures are then computed every time.
     """
@@ -81,7 +86,7 @@ def _snapshot(key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]
     started = time.perf_counter()
     result = compute()
     elapsed = time.perf_counter() - started
-    if elapsed >= SNAPSHOT_WHEN_SLOWER_THAN:
+    if elapsed >= SNAPSHOT_WHEN_SLOWER_THAN and rows(result) >= SNAPSHOT_MIN_ROWS:
         try:
             redis_store.client.set(key, json.dumps(result, default=_encode), ex=SNAPSHOT_SECONDS)
         except redis.RedisError:
@@ -111,6 +116,7 @@ def oauth_token_health(organization_id: int, within_hours: int = 24) -> dict[str
     return _snapshot(
         f"oauth-tokens:{organization_id}:{within_hours}",
         lambda: compute_oauth_token_health(organization_id, within_hours),
+        lambda figures: figures["total"] + figures["refresh_attempts_24h"],
     )
 
 
@@ -206,7 +212,9 @@ def _seconds(value: Any) -> float | None:
 def email_sync_health(organization_id: int) -> dict[str, Any]:
     """Account statuses, and runs started in the last 24 h: outcomes, durations, messages."""
     return _snapshot(
-        f"email-sync:{organization_id}", lambda: compute_email_sync_health(organization_id)
+        f"email-sync:{organization_id}",
+        lambda: compute_email_sync_health(organization_id),
+        lambda figures: figures["accounts"]["total"] + figures["sync_runs_24h"]["total"],
     )
 
 
@@ -295,7 +303,12 @@ def timeline(organization_id: int, hours: int = 24) -> dict[str, Any]:
     """Hourly refresh and sync outcomes, oldest first: `hours` buckets, the last one the
     current hour, empty hours included with empty maps."""
     return _snapshot(
-        f"timeline:{organization_id}:{hours}", lambda: compute_timeline(organization_id, hours)
+        f"timeline:{organization_id}:{hours}",
+        lambda: compute_timeline(organization_id, hours),
+        lambda figures: sum(
+            sum(bucket["refresh"].values()) + sum(bucket["sync"].values())
+            for bucket in figures["buckets"]
+        ),
     )
 
 
