@@ -6,7 +6,24 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PWD/.venv/bin:$PATH"
 export FLASK_APP=webapp:create_app
-mkdir -p instance
+# The app's instance folder (SQLite file, dev secrets), also this script's: Flower's
+# login, the embedded Redis data and the metrics files live there too.
+instance="${MAILKEY_INSTANCE_PATH:-$PWD/instance}"
+mkdir -p "$instance"
+
+# A bad setting is one clear message naming the variable, not a traceback.
+python - <<'PY' || exit 2
+import sys
+
+from webapp import create_app
+from webapp.config import ConfigError
+from webapp.crypto.keyring import KeyConfigError
+
+try:
+    create_app()
+except (ConfigError, KeyConfigError) as exc:
+    sys.exit(f"mailkey: {exc}")
+PY
 
 echo "mailkey: applying migrations"
 flask db upgrade
@@ -16,12 +33,12 @@ if [ -z "${FLOWER_BASIC_AUTH:-}" ]; then
     echo "mailkey: FLOWER_BASIC_AUTH must be set in production (user:password)" >&2
     exit 2
   fi
-  FLOWER_BASIC_AUTH=$(sed -n 's/^FLOWER_BASIC_AUTH=//p' instance/dev-secrets.env)
+  FLOWER_BASIC_AUTH=$(sed -n 's/^FLOWER_BASIC_AUTH=//p' "$instance/dev-secrets.env")
   export FLOWER_BASIC_AUTH
-  echo "mailkey: development secrets (API key, encryption keys, Flower login) are in instance/dev-secrets.env"
+  echo "mailkey: development secrets (API key, encryption keys, Flower login) are in $instance/dev-secrets.env"
 fi
 
-export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$PWD/instance/prometheus}"
+export PROMETHEUS_MULTIPROC_DIR="${PROMETHEUS_MULTIPROC_DIR:-$instance/prometheus}"
 rm -rf "$PROMETHEUS_MULTIPROC_DIR"
 mkdir -p "$PROMETHEUS_MULTIPROC_DIR"
 
@@ -41,10 +58,10 @@ if [ -z "${REDIS_URL:-}" ]; then
   if redis-cli -p "$port" ping >/dev/null 2>&1; then
     echo "mailkey: a Redis already answers on 127.0.0.1:$port; using it"
   else
-    echo "mailkey: starting the embedded Redis on 127.0.0.1:$port (data in instance/)"
+    echo "mailkey: starting the embedded Redis on 127.0.0.1:$port (data in $instance)"
     .venv/bin/redis-server --daemonize no --bind 127.0.0.1 --port "$port" \
-      --dir "$PWD/instance" --dbfilename redis.rdb --save "60 1" \
-      --logfile "$PWD/instance/redis.log" &
+      --dir "$instance" --dbfilename redis.rdb --save "60 1" \
+      --logfile "$instance/redis.log" &
     children+=($!)
     for _ in $(seq 50); do
       redis-cli -p "$port" ping >/dev/null 2>&1 && break

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -26,6 +28,23 @@ def issue_token_command(user_id: int, org_id: int, admin: bool, ttl: int) -> Non
     )
 
 
+def _needs_database(command: Callable[..., None]) -> Callable[..., None]:
+    """The database (PostgreSQL down, a wrong DATABASE_URL) answers in one line naming
+    where, without its password, and exit 1 instead of a traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        from webapp.cli_support import UNAVAILABLE, unavailable_message
+
+        try:
+            command(*args, **kwargs)
+        except UNAVAILABLE as exc:
+            click.echo(f"error: {unavailable_message(exc)}", err=True)
+            raise SystemExit(1) from None
+
+    return wrapper
+
+
 @keys_cli.command("generate")
 def generate_command() -> None:
     """Print a fresh set of keys as NAME=value lines (the spec's formats)."""
@@ -41,6 +60,7 @@ def generate_command() -> None:
 @click.option(
     "--jobs", type=click.IntRange(1, 16), default=2, show_default=True, help="Parallel processes."
 )
+@_needs_database
 def rotate_command(dry_run: bool, batch_size: int, jobs: int) -> None:
     """Re-encrypt every ciphertext not under the current keys (batched, resumable).
 
@@ -154,6 +174,7 @@ class _RotationProgress:
 
 
 @keys_cli.command("status")
+@_needs_database
 def status_command() -> None:
     """How many ciphertexts each key fingerprint still protects, and which keys can go."""
     from rich.console import Console

@@ -165,3 +165,13 @@ def test_rotation_covers_every_pii_column_including_queued_sends(app, base_env):
         )
     finally:
         init_keyring(Keyring.from_settings(app.config["ENCRYPTION"]))
+
+
+def test_keys_commands_with_the_database_down_say_so_in_one_line(base_env):
+    down = {**base_env, "DATABASE_URL": "postgresql+psycopg://postgres:hunter2@127.0.0.1:9/none"}
+    for args in (("keys", "status"), ("keys", "rotate", "--dry-run")):
+        command = _flask(down, *args)
+        out, err = command.communicate(timeout=60)
+        assert command.returncode == 1
+        assert "error: the database at 127.0.0.1:9/none is unavailable" in err
+        assert "Traceback" not in err and "hunter2" not in out + err
