@@ -102,4 +102,5 @@ def metrics() -> Response:
         multiprocess.MultiProcessCollector(source)
     state = CollectorRegistry()
     state.register(StoredStateCollector(current_app._get_current_object()))  # type: ignore[attr-defined]
-    return Response(generate_latest(source) + generate_latest(state), mimetype=CONTENT_TYPE_LATEST)
+    body = generate_latest(source) + generate_latest(state)
+    return Response(body, headers={"Content-Type": CONTENT_TYPE_LATEST})  # charset once

@@ -35,3 +35,9 @@ def test_metrics_open_to_remote_callers_with_the_token(base_env):
         )
         assert allowed.status_code == 200
         assert "mailkey_tokens" in allowed.get_data(as_text=True)
+
+
+def test_metrics_content_type_is_prometheus_text_with_one_charset(client):
+    content_type = client.get("/metrics").headers["Content-Type"]
+    assert content_type.startswith("text/plain; version=")
+    assert content_type.count("charset") == 1
