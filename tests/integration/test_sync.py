@@ -262,7 +262,8 @@ def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
     db.session.add(account)
     db.session.flush()
     folder = MailFolder(account_id=account.id, name="INBOX", flags=[], highest_uid=0)
-    db.session.add(folder)
+    run = SyncRun(account_id=account.id, organization_id=1)
+    db.session.add_all([folder, run])
     db.session.commit()
 
     def row(uid: int) -> dict:
@@ -282,7 +283,7 @@ def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
             "modseq": None,
         }
 
-    writer = _BatchWriter(db.engine, folder.id)
+    writer = _BatchWriter(db.engine, folder.id, run.id)
     writer.put([row(1), row(2)], 2)
     writer.put([row(2), row(3)], 3)  # uid 2 again: as after a kill between commit and ack
     assert writer.close() == 3
@@ -290,7 +291,9 @@ def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
     stored = db.session.scalars(sa.select(MailMessage).order_by(MailMessage.uid)).all()
     assert [m.uid for m in stored] == [1, 2, 3]
     assert stored[0].to_addresses == ["b@x"] and stored[0].flags == ["\\Seen"]
-    assert db.session.get(MailFolder, folder.id).highest_uid == 3
+    stored_folder = db.session.get(MailFolder, folder.id)
+    assert (stored_folder.highest_uid, stored_folder.message_count) == (3, 3)
+    assert db.session.get(SyncRun, run.id).new_count == 3
 
 
 def test_provider_outage_during_the_token_refresh_is_retried(

@@ -91,6 +91,8 @@ def start_run(account: MailAccount) -> tuple[SyncRun, bool]:
 
 
 def _finish(run: SyncRun, counts: Counts, outcome: str, error: str | None) -> None:
+    """new_count is not set here: the batch writer adds to it with every batch it
+    stores, so it also counts what a killed or failed attempt at this run stored."""
     started_at, finished_at = run.started_at, utcnow()
     db.session.execute(
         update(SyncRun)
@@ -98,7 +100,6 @@ def _finish(run: SyncRun, counts: Counts, outcome: str, error: str | None) -> No
         .values(
             finished_at=finished_at,
             outcome=outcome,
-            new_count=counts.new,
             updated_count=counts.updated,
             deleted_count=counts.deleted,
             error=error[:2000] if error else None,
@@ -135,7 +136,7 @@ def _run(account: MailAccount, run: SyncRun) -> SyncRun:
     clock = time.perf_counter()
     try:
         with imap_session(account) as client:
-            _sync_folders(account, client, counts)
+            _sync_folders(account, client, run.id, counts)
     except (NeedsReauth, TokenRevoked) as exc:
         db.session.rollback()
         _set_account(account_id, "paused", exc.message)
@@ -185,7 +186,7 @@ def _set_account(
     db.session.commit()
 
 
-def _sync_folders(account: MailAccount, client: IMAPClient, counts: Counts) -> None:
+def _sync_folders(account: MailAccount, client: IMAPClient, run_id: int, counts: Counts) -> None:
     condstore = client.has_capability("CONDSTORE")
     if condstore and client.has_capability("ENABLE"):
         client.enable("CONDSTORE")
@@ -213,7 +214,7 @@ def _sync_folders(account: MailAccount, client: IMAPClient, counts: Counts) -> N
         folder.delimiter = _text(delimiter) if delimiter else None
         folder.flags = flag_names
         db.session.flush()
-        _sync_folder(account, client, folder, info, condstore, counts)
+        _sync_folder(account, client, folder, info, condstore, run_id, counts)
     for name, folder in stored.items():
         if name not in seen:
             counts.deleted += _stored_count(folder)
@@ -243,6 +244,7 @@ def _sync_folder(
     folder: MailFolder,
     info: dict[bytes, Any],
     condstore: bool,
+    run_id: int,
     counts: Counts,
 ) -> None:
     uidvalidity = int(info[b"UIDVALIDITY"])
@@ -275,7 +277,7 @@ def _sync_folder(
     if not unchanged:
         known_before = folder.highest_uid
         if exists and (uidnext is None or uidnext - 1 > folder.highest_uid):
-            _fetch_new(account, client, folder, counts)
+            _fetch_new(account, client, folder, run_id, counts)
         if known_before:
             counts.updated += _update_flags(client, folder, known_before, condstore)
             counts.deleted += _remove_expunged(client, folder, known_before, exists)
@@ -291,7 +293,7 @@ def _modseq(info: dict[bytes, Any]) -> int | None:
 
 
 def _fetch_new(
-    account: MailAccount, client: IMAPClient, folder: MailFolder, counts: Counts
+    account: MailAccount, client: IMAPClient, folder: MailFolder, run_id: int, counts: Counts
 ) -> None:
     """Fetch batches here while a writer thread stores the previous one: the IMAP
     round trips and the database inserts overlap."""
@@ -301,7 +303,7 @@ def _fetch_new(
         return
     account_id, folder_id = account.id, folder.id
     db.session.commit()  # the writer's own connection must see the folder row
-    writer = _BatchWriter(db.engine, folder_id)
+    writer = _BatchWriter(db.engine, folder_id, run_id)
     try:
         batch_size = current_app.config["SYNC_BATCH_SIZE"]
         for index in range(0, len(uids), batch_size):
@@ -309,16 +311,20 @@ def _fetch_new(
             fetched = sorted(fetch_new(client, batch), key=lambda m: m.uid)
             writer.put([_message_row(account_id, folder_id, m) for m in fetched], batch[-1])
     finally:
-        counts.new += writer.close()
+        try:
+            writer.close()
+        finally:  # the batches stored before a failure count too
+            counts.new += writer.inserted
     db.session.refresh(folder)
 
 
 class _BatchWriter:
-    """Stores batches on its own connection, each with the folder's new highest UID in
-    the same transaction, so a sync killed half-way resumes after the last stored one."""
+    """Stores batches on its own connection, each with the folder's new highest UID and
+    count and the run's new_count in the same transaction, so a sync killed half-way
+    resumes after the last stored batch and its folder and run numbers match the rows."""
 
-    def __init__(self, engine: Engine, folder_id: int) -> None:
-        self.engine, self.folder_id = engine, folder_id
+    def __init__(self, engine: Engine, folder_id: int, run_id: int) -> None:
+        self.engine, self.folder_id, self.run_id = engine, folder_id, run_id
         self.batches: queue.Queue[tuple[list[dict[str, Any]], int] | None] = queue.Queue(2)
         self.inserted = 0
         self.error: BaseException | None = None
@@ -344,12 +350,21 @@ class _BatchWriter:
             rows, highest_uid = item
             try:
                 with self.engine.begin() as connection:
-                    self.inserted += _insert(connection, rows)
+                    inserted = _insert(connection, rows)
                     connection.execute(
                         update(MailFolder)
                         .where(MailFolder.id == self.folder_id)
-                        .values(highest_uid=highest_uid)
+                        .values(
+                            highest_uid=highest_uid,
+                            message_count=MailFolder.message_count + inserted,
+                        )
                     )
+                    connection.execute(
+                        update(SyncRun)
+                        .where(SyncRun.id == self.run_id)
+                        .values(new_count=SyncRun.new_count + inserted)
+                    )
+                self.inserted += inserted
             except BaseException as exc:  # handed to the caller's thread
                 self.error = exc
 

@@ -1,0 +1,160 @@
+"""Sync runs that fail, race the server or die half-way: nothing lost, nothing stored
+twice, and the folder's state (highest UID, count) and the runs' counts match the rows.
+Direct service calls against the session's real Dovecot."""
+
+from __future__ import annotations
+
+import pytest
+import sqlalchemy as sa
+
+from tests.integration.test_sync_servers import imap_account  # noqa: F401 - fixture
+from webapp.extensions import db
+from webapp.models import MailFolder, MailMessage, SyncRun
+from webapp.services import sync as sync_service
+
+
+def _inbox(account_id: int) -> MailFolder:
+    db.session.expire_all()
+    return db.session.scalars(
+        sa.select(MailFolder).where(MailFolder.account_id == account_id, MailFolder.name == "INBOX")
+    ).one()
+
+
+def _uids(folder: MailFolder) -> list[int]:
+    query = sa.select(MailMessage.uid).where(MailMessage.folder_id == folder.id)
+    return sorted(db.session.scalars(query))
+
+
+def _assert_consistent(account_id: int) -> MailFolder:
+    """Folder state never claims more than the rows hold; the runs count every row."""
+    inbox = _inbox(account_id)
+    uids = _uids(inbox)
+    assert inbox.highest_uid <= (uids[-1] if uids else 0)
+    assert inbox.message_count == len(uids)
+    synced = db.session.scalar(
+        sa.select(sa.func.sum(SyncRun.new_count)).where(SyncRun.account_id == account_id)
+    )
+    assert synced == len(uids)
+    return inbox
+
+
+def test_writer_error_keeps_the_count_of_batches_it_stored(app, mail, imap_account, monkeypatch):  # noqa: F811
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 12)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
+    insert = sync_service._insert
+    calls: list[int] = []
+
+    def insert_then_fail(connection, rows):
+        calls.append(len(rows))
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return insert(connection, rows)
+
+    monkeypatch.setattr(sync_service, "_insert", insert_then_fail)
+    failed = sync_service.sync_account(account.id)
+    assert failed.outcome == "failed" and "disk full" in (failed.error or "")
+    assert len(_uids(_assert_consistent(account.id))) == 5
+    monkeypatch.setattr(sync_service, "_insert", insert)
+    healed = sync_service.sync_account(account.id)
+    assert (healed.outcome, healed.new_count) == ("succeeded", 7), healed.error
+    assert _uids(_assert_consistent(account.id)) == sorted(mail.imap.fetch_uids(user, "INBOX"))
+
+
+def test_failure_mid_fetch_leaves_the_folder_count_matching_the_rows(
+    app,
+    mail,
+    imap_account,  # noqa: F811
+    monkeypatch,
+):
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 12)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
+    fetch_new = sync_service.fetch_new
+    batches: list[list[int]] = []
+
+    def fetch_then_kick(client, uids):
+        batches.append(uids)
+        if len(batches) == 2:
+            mail.imap.kick(user)
+        return fetch_new(client, uids)
+
+    monkeypatch.setattr(sync_service, "fetch_new", fetch_then_kick)
+    with pytest.raises(sync_service.TransientSyncError):
+        sync_service.sync_account(account.id)
+    assert len(_uids(_assert_consistent(account.id))) == 5
+    monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+    assert sync_service.sync_account(account.id).outcome == "succeeded"
+    assert _uids(_assert_consistent(account.id)) == sorted(mail.imap.fetch_uids(user, "INBOX"))
+
+
+def test_run_killed_after_a_batch_commit_is_taken_over_and_counts_every_row(
+    app,
+    mail,
+    imap_account,  # noqa: F811
+    monkeypatch,
+):
+    """A worker killed between the writer's commit and the run's finish leaves the run
+    `running`; the next sync takes it over, stores the rest once and closes it."""
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 12)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
+    fetch_new = sync_service.fetch_new
+    batches: list[list[int]] = []
+
+    def fetch_then_die(client, uids):
+        batches.append(uids)
+        if len(batches) == 2:
+            raise SystemExit("killed")  # not an Exception: nothing records the run
+        return fetch_new(client, uids)
+
+    monkeypatch.setattr(sync_service, "fetch_new", fetch_then_die)
+    with pytest.raises(SystemExit):
+        sync_service.sync_account(account.id)
+    db.session.rollback()
+    monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+    healed = sync_service.sync_account(account.id)
+    assert healed.outcome == "succeeded", healed.error
+    runs = db.session.scalars(sa.select(SyncRun).where(SyncRun.account_id == account.id)).all()
+    assert [run.outcome for run in runs] == ["succeeded"]
+    assert _uids(_assert_consistent(account.id)) == sorted(mail.imap.fetch_uids(user, "INBOX"))
+
+
+def test_changes_on_the_server_during_a_sync_are_picked_up_next_time(
+    app,
+    mail,
+    imap_account,  # noqa: F811
+    monkeypatch,
+):
+    """While batches are fetched: flags change on a fetched message, one is expunged,
+    new mail arrives. The next run has all of it, once."""
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 12)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
+    fetch_new = sync_service.fetch_new
+    batches: list[list[int]] = []
+
+    def fetch_while_changing(client, uids):
+        batches.append(uids)
+        if len(batches) == 2:
+            mail.imap.add_flags(user, "INBOX", batches[0][:2], [b"\\Flagged"])
+            mail.imap.expunge(user, "INBOX", [batches[0][-1], uids[0]])
+            mail.imap.seed(user, "INBOX", 2, subject_prefix="Late")
+        return fetch_new(client, uids)
+
+    monkeypatch.setattr(sync_service, "fetch_new", fetch_while_changing)
+    first = sync_service.sync_account(account.id)
+    assert first.outcome == "succeeded", first.error
+    monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+    second = sync_service.sync_account(account.id)
+    assert second.outcome == "succeeded", second.error
+    inbox = _inbox(account.id)
+    on_server = sorted(mail.imap.fetch_uids(user, "INBOX"))
+    assert _uids(inbox) == on_server and inbox.message_count == len(on_server)
+    assert inbox.highest_uid == on_server[-1]
+    rows = db.session.execute(
+        sa.select(MailMessage.uid, MailMessage.flags).where(MailMessage.folder_id == inbox.id)
+    )
+    assert sorted(uid for uid, flags in rows if "\\Flagged" in flags) == batches[0][:2]
+    third = sync_service.sync_account(account.id)
+    assert (third.new_count, third.updated_count, third.deleted_count) == (0, 0, 0)
