@@ -1,15 +1,21 @@
-"""Fixtures shared by the integration tests: a connected, synced mailbox on Dovecot."""
+"""Fixtures shared by the integration tests: a connected, synced mailbox on Dovecot,
+a password account on it, and a way to make a sync fail at a chosen batch."""
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy as sa
 
 from tests.support.flows import connect
+from webapp.crypto import encrypt_field
 from webapp.extensions import db
-from webapp.models import SyncRun
+from webapp.models import MailAccount, SyncRun
+from webapp.services import sync as sync_service
+from webapp.services.keys import account_password_aad
 
 
 def finished_runs(account_id: int) -> list[SyncRun]:
@@ -49,3 +55,47 @@ def mailbox(client, auth_headers, oauth_provider, mail, celery_worker):
         "token_id": response.json["id"],
         "run": first,
     }
+
+
+_users = itertools.count()
+
+
+def password_account(mail, user: str, password: str, **fields) -> MailAccount:
+    """A password account on the session's Dovecot and SMTP server, stored directly."""
+    account = MailAccount(
+        organization_id=1, user_id=1, email_address=user, provider="custom",
+        incoming_auth_method="password", incoming_server=mail.imap.host,
+        incoming_port=mail.imap.imaps_port, incoming_security="ssl", username=user,
+        outgoing_server=mail.smtp.host, outgoing_port=mail.smtp.port,
+        outgoing_security="starttls", sync_enabled=False, status="active",
+    )  # fmt: skip
+    for name, value in fields.items():
+        setattr(account, name, value)
+    account.password_encrypted = encrypt_field(password, "pii", account_password_aad(account))
+    db.session.add(account)
+    db.session.commit()
+    return account
+
+
+@pytest.fixture
+def imap_account(app, mail):
+    """(address, account): a fresh Dovecot user with a password account for it."""
+    user = f"odd-{next(_users)}-{id(mail)}@example.com"
+    mail.imap.set_password_user(user, "odd-secret")
+    return user, password_account(mail, user, "odd-secret")
+
+
+def fail_at_batch(monkeypatch, batch: int, action: Callable[[], None]) -> Callable[[], None]:
+    """Make the sync run `action` (kick the connection, raise ...) just before it fetches
+    its `batch`-th batch; returns the function that puts the real fetch back."""
+    fetch_new = sync_service.fetch_new
+    batches: list[list[int]] = []
+
+    def fetch(client, uids):
+        batches.append(uids)
+        if len(batches) == batch:
+            action()
+        return fetch_new(client, uids)
+
+    monkeypatch.setattr(sync_service, "fetch_new", fetch)
+    return lambda: monkeypatch.setattr(sync_service, "fetch_new", fetch_new)

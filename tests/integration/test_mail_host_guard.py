@@ -10,44 +10,32 @@ import socket
 import pytest
 
 from tests.conftest import PASSWORD, PASSWORD_USER
-from webapp.crypto import encrypt_field
-from webapp.extensions import db
-from webapp.models import MailAccount
+from tests.integration.conftest import password_account
 from webapp.services import send as send_service
 from webapp.services import sync as sync_service
-from webapp.services.keys import account_password_aad
 
 PUBLIC = "93.184.216.34"
 REBINDING_HOST = "mail.rebinding.test"
 
 
 @pytest.fixture
-def password_account(app, mail, monkeypatch):
+def guarded_account(app, mail, monkeypatch):
     """A password account on the local Dovecot/SMTP, saved while private hosts were
     allowed; from then on they are not (production's default)."""
-    account = MailAccount(
-        organization_id=1, user_id=1, email_address=PASSWORD_USER, provider="custom",
-        incoming_auth_method="password", incoming_server=mail.imap.host,
-        incoming_port=mail.imap.imaps_port, incoming_security="ssl", username=PASSWORD_USER,
-        outgoing_server=mail.smtp.host, outgoing_port=mail.smtp.port,
-        outgoing_security="starttls", sync_enabled=False, status="active",
-    )  # fmt: skip
-    account.password_encrypted = encrypt_field(PASSWORD, "pii", account_password_aad(account))
-    db.session.add(account)
-    db.session.commit()
+    account = password_account(mail, PASSWORD_USER, PASSWORD)
     monkeypatch.setitem(app.config, "MAIL_ALLOW_PRIVATE_HOSTS", False)
     return account
 
 
-def test_sync_of_a_user_host_that_now_resolves_to_loopback_is_refused(password_account):
-    run = sync_service.sync_account(password_account.id)
+def test_sync_of_a_user_host_that_now_resolves_to_loopback_is_refused(guarded_account):
+    run = sync_service.sync_account(guarded_account.id)
     assert run.outcome == "failed"
     assert run.error and "private, loopback or link-local" in run.error
     assert run.new_count == 0
 
 
-def test_send_through_a_user_host_that_now_resolves_to_loopback_is_refused(mail, password_account):
-    queued = send_service.queue_send(password_account, {"to": ["bob@example.com"]}, None)
+def test_send_through_a_user_host_that_now_resolves_to_loopback_is_refused(mail, guarded_account):
+    queued = send_service.queue_send(guarded_account, {"to": ["bob@example.com"]}, None)
     send = send_service.deliver(queued.id)
     assert send is not None and send.status == "failed"
     assert send.error and "private, loopback or link-local" in send.error

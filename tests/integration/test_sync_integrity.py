@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from tests.integration.test_sync_servers import imap_account  # noqa: F401 - fixture
+from tests.integration.conftest import fail_at_batch
 from webapp.extensions import db
 from webapp.models import MailFolder, MailMessage, SyncRun
 from webapp.services import sync as sync_service
@@ -38,7 +38,7 @@ def _assert_consistent(account_id: int) -> MailFolder:
     return inbox
 
 
-def test_writer_error_keeps_the_count_of_batches_it_stored(app, mail, imap_account, monkeypatch):  # noqa: F811
+def test_writer_error_keeps_the_count_of_batches_it_stored(app, mail, imap_account, monkeypatch):
     user, account = imap_account
     mail.imap.seed(user, "INBOX", 12)
     monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
@@ -64,26 +64,17 @@ def test_writer_error_keeps_the_count_of_batches_it_stored(app, mail, imap_accou
 def test_failure_mid_fetch_leaves_the_folder_count_matching_the_rows(
     app,
     mail,
-    imap_account,  # noqa: F811
+    imap_account,
     monkeypatch,
 ):
     user, account = imap_account
     mail.imap.seed(user, "INBOX", 12)
     monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
-    fetch_new = sync_service.fetch_new
-    batches: list[list[int]] = []
-
-    def fetch_then_kick(client, uids):
-        batches.append(uids)
-        if len(batches) == 2:
-            mail.imap.kick(user)
-        return fetch_new(client, uids)
-
-    monkeypatch.setattr(sync_service, "fetch_new", fetch_then_kick)
+    restore = fail_at_batch(monkeypatch, 2, lambda: mail.imap.kick(user))
     with pytest.raises(sync_service.TransientSyncError):
         sync_service.sync_account(account.id)
     assert len(_uids(_assert_consistent(account.id))) == 5
-    monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+    restore()
     assert sync_service.sync_account(account.id).outcome == "succeeded"
     assert _uids(_assert_consistent(account.id)) == sorted(mail.imap.fetch_uids(user, "INBOX"))
 
@@ -91,7 +82,7 @@ def test_failure_mid_fetch_leaves_the_folder_count_matching_the_rows(
 def test_run_killed_after_a_batch_commit_is_taken_over_and_counts_every_row(
     app,
     mail,
-    imap_account,  # noqa: F811
+    imap_account,
     monkeypatch,
 ):
     """A worker killed between the writer's commit and the run's finish leaves the run
@@ -99,20 +90,15 @@ def test_run_killed_after_a_batch_commit_is_taken_over_and_counts_every_row(
     user, account = imap_account
     mail.imap.seed(user, "INBOX", 12)
     monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
-    fetch_new = sync_service.fetch_new
-    batches: list[list[int]] = []
 
-    def fetch_then_die(client, uids):
-        batches.append(uids)
-        if len(batches) == 2:
-            raise SystemExit("killed")  # not an Exception: nothing records the run
-        return fetch_new(client, uids)
+    def die() -> None:
+        raise SystemExit("killed")  # not an Exception: nothing records the run
 
-    monkeypatch.setattr(sync_service, "fetch_new", fetch_then_die)
+    restore = fail_at_batch(monkeypatch, 2, die)
     with pytest.raises(SystemExit):
         sync_service.sync_account(account.id)
     db.session.rollback()
-    monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+    restore()
     healed = sync_service.sync_account(account.id)
     assert healed.outcome == "succeeded", healed.error
     runs = db.session.scalars(sa.select(SyncRun).where(SyncRun.account_id == account.id)).all()
@@ -123,7 +109,7 @@ def test_run_killed_after_a_batch_commit_is_taken_over_and_counts_every_row(
 def test_changes_on_the_server_during_a_sync_are_picked_up_next_time(
     app,
     mail,
-    imap_account,  # noqa: F811
+    imap_account,
     monkeypatch,
 ):
     """While batches are fetched: flags change on a fetched message, one is expunged,

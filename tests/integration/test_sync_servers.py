@@ -5,7 +5,6 @@ another host. Direct service calls against the session's real Dovecot and aiosmt
 
 from __future__ import annotations
 
-import itertools
 import smtplib
 import ssl
 
@@ -14,40 +13,14 @@ import sqlalchemy as sa
 from imapclient import IMAPClient
 
 from tests.conftest import PASSWORD, PASSWORD_USER
+from tests.integration.conftest import fail_at_batch, password_account
 from tests.support.mailserver import SmtpServer, make_ca_and_cert
-from webapp.crypto import encrypt_field
 from webapp.extensions import db
 from webapp.models import MailAccount, MailFolder, MailMessage, OutboundMessage
 from webapp.services import mailconn
 from webapp.services import send as send_service
 from webapp.services import sync as sync_service
 from webapp.services.imapfetch import FetchError
-from webapp.services.keys import account_password_aad
-
-_users = itertools.count()
-
-
-def _account(mail, user: str, password: str, **fields) -> MailAccount:
-    account = MailAccount(
-        organization_id=1, user_id=1, email_address=user, provider="custom",
-        incoming_auth_method="password", incoming_server=mail.imap.host,
-        incoming_port=mail.imap.imaps_port, incoming_security="ssl", username=user,
-        outgoing_server=mail.smtp.host, outgoing_port=mail.smtp.port,
-        outgoing_security="starttls", sync_enabled=False, status="active",
-    )  # fmt: skip
-    for name, value in fields.items():
-        setattr(account, name, value)
-    account.password_encrypted = encrypt_field(password, "pii", account_password_aad(account))
-    db.session.add(account)
-    db.session.commit()
-    return account
-
-
-@pytest.fixture
-def imap_account(app, mail):
-    user = f"odd-{next(_users)}-{id(mail)}@example.com"
-    mail.imap.set_password_user(user, "odd-secret")
-    return user, _account(mail, user, "odd-secret")
 
 
 def _raw(subject: bytes, message_id: bytes) -> bytes:
@@ -121,7 +94,7 @@ def test_headers_postgresql_cannot_store_as_they_are_do_not_block_the_mailbox(ma
 @pytest.fixture
 def smtp_account(app, mail, monkeypatch):
     monkeypatch.setattr(send_service, "enqueue", lambda *args, **kwargs: "not-queued")
-    return _account(mail, PASSWORD_USER, PASSWORD)
+    return password_account(mail, PASSWORD_USER, PASSWORD)
 
 
 def _send(account: MailAccount, to: list[str]) -> OutboundMessage:
@@ -221,24 +194,15 @@ def test_bye_mid_fetch_over_starttls_is_retryable_and_loses_nothing(
     db.session.commit()
     mail.imap.seed(user, "INBOX", 12)
     monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
-    fetch_new = sync_service.fetch_new
-    batches: list[list[int]] = []
-
-    def fetch_then_kick(client, uids):
-        batches.append(uids)
-        if len(batches) == 2:
-            mail.imap.kick(user)
-        return fetch_new(client, uids)
-
-    monkeypatch.setattr(sync_service, "fetch_new", fetch_then_kick)
+    restore = fail_at_batch(monkeypatch, 2, lambda: mail.imap.kick(user))
     with pytest.raises(sync_service.TransientSyncError):
         sync_service.sync_account(account.id)
-    monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+    restore()
     db.session.expire_all()
     failed = db.session.scalars(sa.select(sync_service.SyncRun)).one()
     inbox = db.session.scalars(sa.select(MailFolder).where(MailFolder.name == "INBOX")).one()
     assert failed.outcome == "failed" and failed.new_count == _stored(account.id)["INBOX"] == 5
-    assert inbox.highest_uid == max(batches[0])
+    assert inbox.highest_uid == sorted(mail.imap.fetch_uids(user, "INBOX"))[4]  # batch 1's last
     healed = sync_service.sync_account(account.id)
     assert (healed.outcome, healed.new_count) == ("succeeded", 7), healed.error
     uids = db.session.scalars(sa.select(MailMessage.uid).where(MailMessage.folder_id == inbox.id))
