@@ -4,6 +4,7 @@ a password account on it, and a way to make a sync fail at a chosen batch."""
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Callable
 
@@ -13,9 +14,9 @@ import sqlalchemy as sa
 from tests.support.flows import connect
 from webapp.crypto import encrypt_field
 from webapp.extensions import db
-from webapp.models import MailAccount, SyncRun
+from webapp.models import MailAccount, OutboundMessage, SyncRun
 from webapp.services import sync as sync_service
-from webapp.services.keys import account_password_aad
+from webapp.services.keys import account_password_aad, payload_aad
 
 
 def finished_runs(account_id: int) -> list[SyncRun]:
@@ -99,3 +100,27 @@ def fail_at_batch(monkeypatch, batch: int, action: Callable[[], None]) -> Callab
 
     monkeypatch.setattr(sync_service, "fetch_new", fetch)
     return lambda: monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+
+
+def queued_send(request: dict, *, aad_send_id: int | None = None) -> OutboundMessage:
+    """A send waiting in the outbox of a fresh account, its message encrypted as
+    queue_send does (for `aad_send_id` instead of its own id, to make it unreadable)."""
+    account = MailAccount(
+        organization_id=1, user_id=1, email_address=f"queue-{next(_users)}@example.com",
+        provider="custom", incoming_auth_method="password",
+        incoming_server="imap.example.com", incoming_port=993,
+    )  # fmt: skip
+    db.session.add(account)
+    db.session.flush()
+    send = OutboundMessage(
+        account_id=account.id,
+        organization_id=1,
+        message_id=f"<queued-{account.id}@example.com>",
+        status="queued",
+    )
+    db.session.add(send)
+    db.session.flush()
+    aad = payload_aad(send.id if aad_send_id is None else aad_send_id)
+    send.payload_encrypted = encrypt_field(json.dumps(request), "pii", aad)
+    db.session.commit()
+    return send

@@ -127,24 +127,15 @@ def test_rotation_covers_every_pii_column_including_queued_sends(app, base_env):
     rotation must move it too, or dropping the old key would lose the message."""
     import json
 
+    from tests.integration.conftest import queued_send
     from webapp.crypto import decrypt_field, encrypt_field
     from webapp.models import MailAccount, OutboundMessage
     from webapp.services.keys import COLUMNS, account_password_aad, payload_aad
 
-    account = MailAccount(
-        organization_id=1, user_id=1, email_address="queue@example.com", provider="custom",
-        incoming_auth_method="password", incoming_server="imap.example.com", incoming_port=993,
-    )  # fmt: skip
-    account.password_encrypted = encrypt_field("pw", "pii", account_password_aad(account))
-    db.session.add(account)
-    db.session.flush()
-    send = OutboundMessage(
-        account_id=account.id, organization_id=1, message_id="<q@example.com>", status="queued"
-    )
-    db.session.add(send)
-    db.session.flush()
     request = {"to": ["bob@example.com"], "subject": "still queued"}
-    send.payload_encrypted = encrypt_field(json.dumps(request), "pii", payload_aad(send.id))
+    send = queued_send(request)
+    account = db.session.get(MailAccount, send.account_id)
+    account.password_encrypted = encrypt_field("pw", "pii", account_password_aad(account))
     db.session.commit()
     assert "mail_sends.payload_encrypted" in {spec.name for spec in COLUMNS}
 

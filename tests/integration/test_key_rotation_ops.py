@@ -3,7 +3,6 @@ what `keys rotate` prints (also without a terminal) and what `keys status` advis
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -12,17 +11,17 @@ from pathlib import Path
 import sqlalchemy as sa
 
 from tests.conftest import make_app
+from tests.integration.conftest import queued_send
 from tests.integration.test_key_rotation import _flask, _seed, _under
 from webapp.crypto import (
     DecryptionError,
     Keyring,
     decrypt_aes_gcm,
-    encrypt_field,
     generate_keys,
     init_keyring,
 )
 from webapp.extensions import db
-from webapp.models import MailAccount, OutboundMessage, UserEmailToken
+from webapp.models import UserEmailToken
 from webapp.services import keys as key_service
 from webapp.services import tokens as token_service
 
@@ -212,22 +211,8 @@ def test_status_names_each_previous_key_and_says_when_it_can_go(app, base_env):
 def test_a_queued_send_that_cannot_be_decrypted_fails_instead_of_staying_queued(app):
     from webapp.services import send as send_service
 
-    account = MailAccount(
-        organization_id=1, user_id=1, email_address="q@example.com", provider="custom",
-        incoming_auth_method="password", incoming_server="imap.example.com", incoming_port=993,
-    )  # fmt: skip
-    db.session.add(account)
-    db.session.flush()
-    send = OutboundMessage(
-        account_id=account.id, organization_id=1, message_id="<t@example.com>", status="queued"
-    )
-    db.session.add(send)
-    db.session.flush()
     # encrypted for another send id: the AAD binding refuses it here
-    send.payload_encrypted = encrypt_field(
-        json.dumps({"to": ["x@example.com"]}), "pii", key_service.payload_aad(send.id + 1)
-    )
-    db.session.commit()
+    send = queued_send({"to": ["x@example.com"]}, aad_send_id=987_654)
     result = send_service.deliver(send.id)
     assert result is not None and result.status == "failed"
     assert "cannot be decrypted" in (result.error or "")
