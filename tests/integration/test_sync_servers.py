@@ -5,6 +5,7 @@ another host. Direct service calls against the session's real Dovecot and aiosmt
 
 from __future__ import annotations
 
+import logging
 import smtplib
 import ssl
 
@@ -215,3 +216,19 @@ def test_a_display_name_cannot_add_addresses_to_the_from_header():
     send = OutboundMessage(message_id="<id@example.com>")
     message = send_service.build_message(account, send, {"to": ["bob@example.com"]})
     assert [a.addr_spec for a in message["From"].addresses] == ["me@example.com"]
+
+
+def test_imaplib_debug_output_is_off_unless_its_logger_listens(mail, imap_account):
+    """IMAPClient turns imaplib's debug level to 5, which formats every line and literal
+    read (whole messages, in a bulk fetch) for a logger that usually drops it."""
+    _user, account = imap_account
+    with mailconn.imap_session(account) as client:
+        assert client._imap.debug == 0
+    imaplib_logger = logging.getLogger("imapclient.imaplib")
+    level = imaplib_logger.level
+    imaplib_logger.setLevel(logging.DEBUG)
+    try:
+        with mailconn.imap_session(account) as client:
+            assert client._imap.debug == 5
+    finally:
+        imaplib_logger.setLevel(level)
