@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+
+import pytest
 
 from webapp.services.imapfetch import (
+    _date,
     _parse,
     envelope,
     internal_date,
@@ -209,3 +214,51 @@ def test_fetch_flags_ignores_unsolicited_fetch_responses_without_a_uid():
     imap = _FakeImap([[b"1 (UID 2 MODSEQ (8) FLAGS ())", b"2 (UID 4 MODSEQ (9) FLAGS ())"]])
     assert fetch_flags(_FakeClient(imap), {2, 5}, changedsince=7) == {2: []}
     assert imap.commands == [("FETCH", "2:5", "(UID FLAGS) (CHANGEDSINCE 7)")]
+
+
+def test_split_headers_picks_the_wanted_fields_among_many_others():
+    header = (
+        b"Received: from a (a [1.2.3.4])\r\n\tby b; Fri, 27 Nov 2026 07:00:00 +0100\r\n"
+        b"DKIM-Signature: v=1; a=rsa-sha256;\r\n d=x.org; s=s;\r\n"
+        b"X-From: spoof@evil.example\r\nDate-Received: never\r\nIn-Reply-To: <r@x>\r\n"
+        b"to: a@b.com,\r\n  c@d.com\r\nSUBJECT :  Hello\r\n"
+        b"From sender@x Fri Nov 27 07:00:00 2026\r\nFrom: real@x.org\r\n"
+        b"Cc: e@f.org\r\nCc: g@h.org\r\n"
+    )
+    fields = split_headers(header)
+    assert fields == {
+        "to": ["a@b.com, c@d.com"],
+        "subject": ["Hello"],
+        "from": ["real@x.org"],
+        "cc": ["e@f.org", "g@h.org"],
+    }
+    assert envelope(fields).cc_addresses == ["e@f.org", "g@h.org"]
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Fri, 20 Nov 2026 14:00:07 +0000",
+        "20 Nov 2026 14:00 -0500",
+        "Fri,20 Nov 2026 14:00:07 +0530 (IST)",
+        "Mon, 1 Jan 2026 10:00:00 -0000",
+        "Fri, 20 NOV 2026 14:00:07 +0000",
+        "Wed, 29 Feb 2024 12:00:00 +1400",
+        "Mon, 31 Feb 2026 10:00:00 +0000",
+        "Tue, 01 Jan 2026 23:59:59 +2400",
+        "Sun, 10 Xyz 2026 10:00:00 +0000",
+        "Fri, 20 Nov 2026 24:00:00 +0000",
+        "Fri, 20 Nov 2026 23:59:60 +0000",
+        "Fri, 20 Nov 26 14:00:07 +0000",
+        "Fri, 20 Nov 2026 14:00:07 GMT",
+    ],
+)
+def test_date_fast_path_agrees_with_the_email_package(value):
+    try:
+        expected = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        expected = None
+    if expected is not None:
+        naive = expected.tzinfo is None
+        expected = expected.replace(tzinfo=UTC) if naive else expected.astimezone(UTC)
+    assert _date(value) == expected

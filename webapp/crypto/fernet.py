@@ -12,7 +12,7 @@ import functools
 import json
 import re
 
-from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+from cryptography.fernet import Fernet, InvalidToken
 
 from .keyring import (
     CryptoError,
@@ -25,6 +25,7 @@ from .keyring import (
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+={0,2}")
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # built once, not per call
 
 
 @functools.lru_cache(maxsize=32)
@@ -39,20 +40,15 @@ def _pii_key_id(key: EncryptionKeys | str) -> EncryptionKeys:
     return kid
 
 
-@functools.lru_cache(maxsize=8)
-def _multi(materials: tuple[bytes, ...]) -> MultiFernet:
-    """Current key first: MultiFernet encrypts with it and decrypts with any."""
-    return MultiFernet([_fernet(m) for m in materials])
-
-
 def encrypt_field(value: str, key: EncryptionKeys | str = EncryptionKeys.PII, aad: str = "") -> str:
     ring = get_keyring()
     kid = _pii_key_id(key)
     if not isinstance(value, str) or not isinstance(aad, str):
         raise CryptoError("value and aad must be str")
-    body = utf8(json.dumps({"aad": aad, "v": value}, ensure_ascii=False, separators=(",", ":")))
-    token = _multi(tuple(ring.materials(kid))).encrypt(body)
-    return f"v1:{ring.current_fingerprint(kid)}:{token.decode('ascii')}"
+    body = utf8(_JSON.encode({"aad": aad, "v": value}))
+    fp, material = ring.current(kid)
+    token = _fernet(material).encrypt(body)  # what MultiFernet does: the current key
+    return f"v1:{fp}:{token.decode('ascii')}"
 
 
 def decrypt_field(

@@ -12,7 +12,7 @@ import binascii
 import quopri
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_to_datetime
 from typing import Any
@@ -30,9 +30,25 @@ INTERNALDATE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
 QUOTED_SECTION = re.compile(rb'\bBODY\[[^\]]*\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
 QUOTED = re.compile(rb'(INTERNALDATE )?"(?:[^"\\]|\\.)*"')
 UNFOLD = re.compile(r"\r?\n[ \t]+")
+# a wanted field at the start of a line, with its continuation lines
+WANTED_FIELD = re.compile(
+    r"^(message-id|subject|from|to|cc|date|content-type|content-transfer-encoding)[ \t]*:"
+    r"(.*(?:\r?\n[ \t].*)*)",
+    re.IGNORECASE | re.MULTILINE,
+)
 BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 CHARSET = re.compile(r'charset="?([^";\s]+)"?', re.IGNORECASE)
 TAGS = re.compile(r"<[^>]*(?:>|$)")
+RFC5322_DATE = re.compile(
+    r"(?:[A-Za-z]{3}, ?)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2})(?::(\d{2}))?"
+    r" ([+-])(\d{2})(\d{2})(?: \([^()]*\))?"
+)
+MONTHS = {
+    name: number
+    for number, name in enumerate(
+        ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"), 1
+    )
+}
 ADDRESS = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
 
 
@@ -138,7 +154,12 @@ def _parse(data: list[tuple[bytes, bytes] | bytes | None]) -> list[Fetched]:
 
 
 def _meta(message: Fetched, text: bytes) -> None:
-    if b'"' in text:  # a quoted body section may itself read "UID 9 FLAGS (...)"
+    if len(text) < 3:
+        return  # the ")" that closes a response
+    quotes = text.count(b'"')
+    if quotes and not (quotes == 2 and INTERNALDATE.search(text)):
+        # a quoted body section may itself read "UID 9 FLAGS (...)"; INTERNALDATE's
+        # quotes alone (every message) need no blanking
         text = QUOTED.sub(lambda match: match[0] if match[1] else b'""', text)
     if match := UID.search(text):
         message.uid = int(match.group(1))
@@ -179,14 +200,16 @@ def envelope(headers: dict[str, list[str]]) -> Envelope:
 
 
 def split_headers(header: bytes) -> dict[str, list[str]]:
-    """Header name (lower-case) -> unfolded values. The email package's parser is
-    exact but costs ~300 µs a message; these few fields need no more than this."""
+    """Header name (lower-case) -> unfolded values, for the fields this module reads
+    (WANTED_FIELD); the rest (Received, DKIM and the like, most of a real header) are
+    skipped by the regular expression. The email package's parser is exact but costs
+    ~300 µs a message; these few fields need no more than this."""
     fields: dict[str, list[str]] = {}
     text = header.decode("utf-8", "replace").replace("\x00", "")  # PostgreSQL refuses NUL
-    for line in UNFOLD.sub(" ", text).splitlines():
-        name, colon, value = line.partition(":")
-        if colon:
-            fields.setdefault(name.strip().lower(), []).append(value.strip())
+    for name, value in WANTED_FIELD.findall(text):
+        if "\n" in value:
+            value = UNFOLD.sub(" ", value)
+        fields.setdefault(name.lower(), []).append(value.strip())
     return fields
 
 
@@ -218,6 +241,18 @@ def _addresses(values: list[str]) -> list[str]:
 def _date(value: str | None) -> datetime | None:
     if not value:
         return None
+    if match := RFC5322_DATE.fullmatch(value):  # the usual form, ~4x cheaper than email.utils
+        day, month, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
+        offset = timedelta(hours=int(zone_h), minutes=int(zone_m))
+        try:
+            parsed = datetime(
+                int(year), MONTHS[month.lower()], int(day), int(hour), int(minute),
+                int(second or 0), tzinfo=timezone(-offset if sign == "-" else offset),
+            )  # fmt: skip
+        except (KeyError, ValueError):
+            pass  # 31 Feb, no such month, a zone of a day or more: email.utils decides
+        else:
+            return parsed.astimezone(UTC)
     try:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
