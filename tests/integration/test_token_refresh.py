@@ -66,6 +66,30 @@ def test_no_rotation_keeps_the_old_refresh_token(client, auth_headers, connected
     assert token_service.read_refresh_token(_token(connected)) == old_refresh
 
 
+def test_refresh_returns_the_stored_row_and_records_the_attempt(
+    client, auth_headers, oauth_provider
+):
+    oauth_provider.rotation = "strict"
+    headers = auth_headers()
+    token_id = connect(client, headers, "google", oauth_provider, "row@example.com").json["id"]
+    before = _token(token_id)
+    old_refresh, old_updated_at = token_service.read_refresh_token(before), before.updated_at
+    result = token_service.refresh_token(token_id, trigger="test")
+    assert result.refreshed
+    token = result.token  # read as returned, before any expire of our own
+    assert oauth_provider.access_token_active(token_service.read_access_token(token))
+    new_refresh = token_service.read_refresh_token(token)
+    assert new_refresh != old_refresh and oauth_provider.refresh_token_alive(new_refresh)
+    assert token.updated_at > old_updated_at
+    assert token.refresh_failure_count == 0 and token.last_refresh_error is None
+    assert token.expires_at - utcnow() > timedelta(minutes=50)
+    attempt = db.session.scalars(sa.select(TokenRefreshAttempt)).one()
+    assert (attempt.token_id, attempt.organization_id, attempt.provider) == (token_id, 1, "google")
+    assert (attempt.trigger, attempt.outcome, attempt.http_status) == ("test", "success", 200)
+    assert attempt.error_code is None and attempt.duration_ms is not None
+    assert attempt.started_at <= attempt.finished_at == token.last_refreshed_at
+
+
 def test_invalid_grant_marks_needs_reauth_and_pauses_account(
     client, auth_headers, connected, oauth_provider
 ):

@@ -19,7 +19,7 @@ from typing import Any
 
 import requests
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import selectinload
 
 from webapp.crypto import DecryptionError, aad_for, decrypt_aes_gcm, encrypt_aes_gcm
@@ -43,6 +43,12 @@ ACCESS_COLUMN = "access_token_encrypted"
 REFRESH_COLUMN = "refresh_token_encrypted"
 MIN_VALIDITY = timedelta(minutes=5)
 MAX_EXPIRES_IN = 366 * 24 * 3600
+# Built once for the refresh hot path: plain Core, no ORM flush and no RETURNING.
+_TOKENS = UserEmailToken.metadata.tables[UserEmailToken.__tablename__]
+_INSERT_ATTEMPT = insert(
+    TokenRefreshAttempt.metadata.tables[TokenRefreshAttempt.__tablename__]
+).inline()
+_UPDATE_TOKEN = update(_TOKENS).where(_TOKENS.c.id == bindparam("row_id"))
 
 
 def provider_for(name: str) -> Provider:
@@ -61,15 +67,22 @@ def _aad(token: UserEmailToken, column: str) -> str:
     )
 
 
-def store_secrets(token: UserEmailToken, access_token: str, refresh_token: str | None) -> None:
-    """Encrypt into the row. A None refresh token keeps the stored one."""
-    token.access_token_encrypted = encrypt_aes_gcm(
-        access_token, key_id="oauth", aad=_aad(token, ACCESS_COLUMN)
-    )
+def _sealed(token: UserEmailToken, access_token: str, refresh_token: str | None) -> dict[str, str]:
+    """The ciphertext column values; no refresh column for a None refresh token."""
+    values = {
+        ACCESS_COLUMN: encrypt_aes_gcm(access_token, key_id="oauth", aad=_aad(token, ACCESS_COLUMN))
+    }
     if refresh_token is not None:
-        token.refresh_token_encrypted = encrypt_aes_gcm(
+        values[REFRESH_COLUMN] = encrypt_aes_gcm(
             refresh_token, key_id="oauth_refresh", aad=_aad(token, REFRESH_COLUMN)
         )
+    return values
+
+
+def store_secrets(token: UserEmailToken, access_token: str, refresh_token: str | None) -> None:
+    """Encrypt into the row. A None refresh token keeps the stored one."""
+    for column, value in _sealed(token, access_token, refresh_token).items():
+        setattr(token, column, value)
 
 
 def read_access_token(token: UserEmailToken) -> str:
@@ -86,18 +99,29 @@ def read_refresh_token(token: UserEmailToken) -> str | None:
     )
 
 
-def apply_token_response(token: UserEmailToken, answer: dict[str, Any], now: datetime) -> None:
-    """Copy a token endpoint answer into the row (encrypting the secrets)."""
-    store_secrets(token, answer["access_token"], answer.get("refresh_token") or None)
+def token_response_values(
+    token: UserEmailToken, answer: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    """The row's new column values for a token endpoint answer (secrets encrypted)."""
+    values: dict[str, Any] = _sealed(
+        token, answer["access_token"], answer.get("refresh_token") or None
+    )
     try:  # servers send 3600, 3600.0, "3600" or nothing
         expires_in = int(float(answer.get("expires_in", 3600)))
     except (TypeError, ValueError, OverflowError):
         expires_in = 3600
-    token.expires_at = now + timedelta(seconds=min(max(expires_in, 0), MAX_EXPIRES_IN))
-    token.token_type = str(answer.get("token_type") or "Bearer")[:20]
+    values["expires_at"] = now + timedelta(seconds=min(max(expires_in, 0), MAX_EXPIRES_IN))
+    values["token_type"] = str(answer.get("token_type") or "Bearer")[:20]
     scopes = parse_scope(answer.get("scope"))
     if scopes:
-        token.scopes = " ".join(scopes)
+        values["scopes"] = " ".join(scopes)
+    return values
+
+
+def apply_token_response(token: UserEmailToken, answer: dict[str, Any], now: datetime) -> None:
+    """Copy a token endpoint answer into the row (encrypting the secrets)."""
+    for column, value in token_response_values(token, answer, now).items():
+        setattr(token, column, value)
 
 
 # --- lookups ------------------------------------------------------------------------------
@@ -253,29 +277,32 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
         failure = exc
     finished_at = utcnow()
     elapsed = time.perf_counter() - clock
-    attempt = TokenRefreshAttempt(
-        token_id=token.id,
-        organization_id=token.organization_id,
-        provider=token.provider,
-        started_at=started_at,
-        finished_at=finished_at,
-        duration_ms=int(elapsed * 1000),
-        trigger=trigger,
-    )
+    attempt: dict[str, Any] = {
+        "token_id": token.id,
+        "organization_id": token.organization_id,
+        "provider": token.provider,
+        "started_at": started_at,
+        "finished_at": finished_at,
+        "duration_ms": int(elapsed * 1000),
+        "trigger": trigger,
+    }
     # Values for the metrics and the log, read before the commit expires the objects.
     token_id, provider_name = token.id, token.provider
+    changes: dict[str, Any] = {}
     if failure is None:
         # Nothing but encryption between the provider's answer and this commit.
-        apply_token_response(token, answer, finished_at)
-        token.last_refreshed_at = finished_at
-        token.refresh_failure_count = 0
-        token.last_refresh_error = None
-        token.status_reason = None
+        changes = token_response_values(token, answer, finished_at)
+        changes.update(
+            last_refreshed_at=finished_at,
+            refresh_failure_count=0,
+            last_refresh_error=None,
+            status_reason=None,
+        )
         outcome, error_code = "success", None
-        attempt.http_status = 200
+        attempt["http_status"] = 200
     else:
         outcome, error_code = failure.outcome, failure.error_code[:100]
-        attempt.http_status = failure.http_status
+        attempt["http_status"] = failure.http_status
         # A refusal of a refresh token that was replaced while this attempt ran (by a
         # process that took the lock after ours expired) says nothing about the grant,
         # which lives on under the newer token: leave the row to that process.
@@ -290,8 +317,11 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
             )
             if failure.kind == "permanent":
                 mark_needs_reauth(token, failure.error_code)
-    attempt.outcome, attempt.error_code = outcome, error_code
-    db.session.add(attempt)
+    attempt["outcome"], attempt["error_code"] = outcome, error_code
+    db.session.execute(_INSERT_ATTEMPT, attempt)
+    if changes:  # the failure branches changed the ORM row instead, flushed by the commit
+        db.session.execute(_UPDATE_TOKEN, {"row_id": token_id, **changes})
+        db.session.expire(token)  # its loaded values are stale now
     db.session.commit()
     TOKEN_REFRESH_TOTAL.labels(provider_name, outcome).inc()
     TOKEN_REFRESH_SECONDS.labels(provider_name).observe(elapsed)
