@@ -16,6 +16,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -295,21 +296,28 @@ def _modseq(info: dict[bytes, Any]) -> int | None:
 def _fetch_new(
     account: MailAccount, client: IMAPClient, folder: MailFolder, run_id: int, counts: Counts
 ) -> None:
-    """Fetch batches here while a writer thread stores the previous one: the IMAP
-    round trips and the database inserts overlap."""
+    """Three stages overlap: a reader thread fetches the next batch while this one
+    turns the current batch into rows and a writer thread stores the previous one, so
+    the server, the database and this process work at the same time. The connection
+    is used by the reader alone until the last fetch has returned."""
     start = folder.highest_uid + 1
     uids = sorted(uid for uid in client.search(["UID", f"{start}:*"]) if uid >= start)
     if not uids:
         return
     account_id, folder_id = account.id, folder.id
     db.session.commit()  # the writer's own connection must see the folder row
+    batch_size = current_app.config["SYNC_BATCH_SIZE"]
+    batches = [uids[index : index + batch_size] for index in range(0, len(uids), batch_size)]
     writer = _BatchWriter(db.engine, folder_id, run_id)
     try:
-        batch_size = current_app.config["SYNC_BATCH_SIZE"]
-        for index in range(0, len(uids), batch_size):
-            batch = uids[index : index + batch_size]
-            fetched = sorted(fetch_new(client, batch), key=lambda m: m.uid)
-            writer.put([_message_row(account_id, folder_id, m) for m in fetched], batch[-1])
+        with ThreadPoolExecutor(1, thread_name_prefix="sync-reader") as reader:
+            pending = reader.submit(fetch_new, client, batches[0])
+            for index, batch in enumerate(batches):
+                fetched = pending.result()  # a failed fetch raises here, after the
+                if index + 1 < len(batches):  # batches before it went to the writer
+                    pending = reader.submit(fetch_new, client, batches[index + 1])
+                fetched.sort(key=lambda m: m.uid)
+                writer.put([_message_row(account_id, folder_id, m) for m in fetched], batch[-1])
     finally:
         try:
             writer.close()
