@@ -250,6 +250,9 @@ def test_split_headers_picks_the_wanted_fields_among_many_others():
         "Fri, 20 Nov 2026 24:00:00 +0000",
         "Fri, 20 Nov 2026 23:59:60 +0000",
         "Fri, 20 Nov 26 14:00:07 +0000",
+        "Fri, 20 Nov 0026 14:00:07 +0000",
+        "Fri, 20 Nov 0000 14:00:07 +0000",
+        "Fri, 20 Nov 2026 14:00:07 +0099",
         "Fri, 20 Nov 2026 14:00:07 GMT",
     ],
 )

@@ -241,7 +241,8 @@ def _addresses(values: list[str]) -> list[str]:
 def _date(value: str | None) -> datetime | None:
     if not value:
         return None
-    if match := RFC5322_DATE.fullmatch(value):  # the usual form, ~4x cheaper than email.utils
+    match = RFC5322_DATE.fullmatch(value)  # the usual form, ~4x cheaper than email.utils
+    if match and int(match[3]) >= 100:  # email.utils reads years below 100 as 19xx/20xx
         day, month, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
         offset = timedelta(hours=int(zone_h), minutes=int(zone_m))
         try:
