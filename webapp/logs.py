@@ -138,5 +138,6 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler._mailkey = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("urllib3", "werkzeug", "authlib", "alembic.runtime.plugins"):
+    # imapclient at DEBUG logs the IMAP wire traffic: whole messages, into the logs.
+    for noisy in ("urllib3", "werkzeug", "authlib", "alembic.runtime.plugins", "imapclient"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -17,6 +17,7 @@ from tests.conftest import PASSWORD, PASSWORD_USER
 from tests.integration.conftest import fail_at_batch, password_account
 from tests.support.mailserver import SmtpServer, make_ca_and_cert
 from webapp.extensions import db
+from webapp.logs import configure_logging
 from webapp.models import MailAccount, MailFolder, MailMessage, OutboundMessage
 from webapp.services import mailconn
 from webapp.services import send as send_service
@@ -224,6 +225,16 @@ def test_imaplib_debug_output_is_off_unless_its_logger_listens(mail, imap_accoun
     _user, account = imap_account
     with mailconn.imap_session(account) as client:
         assert client._imap.debug == 0
+    root, quiet = logging.getLogger(), logging.getLogger("imapclient")
+    saved = root.level, list(root.handlers), quiet.level
+    configure_logging("DEBUG")  # LOG_LEVEL=DEBUG: the wire log (mail contents) stays off
+    try:
+        with mailconn.imap_session(account) as client:
+            assert client._imap.debug == 0
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
+        quiet.setLevel(saved[2])
     imaplib_logger = logging.getLogger("imapclient.imaplib")
     level = imaplib_logger.level
     imaplib_logger.setLevel(logging.DEBUG)
