@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +19,7 @@ from sqlalchemy.engine import Engine
 
 from webapp.models.base import Base
 
+log = logging.getLogger("mailkey.locks")
 db = SQLAlchemy(model_class=Base)
 migrate = Migrate(compare_type=True, render_as_batch=True)
 
@@ -24,15 +28,35 @@ class RedisStore:
     """One redis-py client per app: locks, OAuth state, refresh markers."""
 
     @contextmanager
-    def locked(self, name: str, timeout: float, wait: float | None = None) -> Iterator[bool]:
+    def locked(
+        self,
+        name: str,
+        timeout: float,
+        wait: float | None = None,
+        heartbeat_for: float | None = None,
+    ) -> Iterator[bool]:
         """Hold the Redis lock `name` (expiring after `timeout` s) and yield whether it
         was taken: at once when `wait` is None, else within `wait` seconds. It is
-        released at the end unless it already expired on its own."""
-        lock = self.client.lock(name, timeout=timeout)
+        released at the end unless it already expired on its own.
+
+        With `heartbeat_for`, a thread renews the lock every timeout/3 s for up to that
+        many seconds: a long holder keeps it, and a killed one (SIGKILL, OOM) lets it go
+        within `timeout` s instead of blocking every other process for the whole run."""
+        lock = self.client.lock(name, timeout=timeout, thread_local=heartbeat_for is None)
         acquired = lock.acquire(blocking=wait is not None, blocking_timeout=wait)
+        stop, keeper = threading.Event(), None
+        if acquired and heartbeat_for:
+            keeper = threading.Thread(
+                target=_renew, args=(lock, timeout / 3, heartbeat_for, stop),
+                name=f"lock-heartbeat {name}", daemon=True,
+            )  # fmt: skip
+            keeper.start()
         try:
             yield bool(acquired)
         finally:
+            stop.set()
+            if keeper is not None:
+                keeper.join()  # no renewal racing the release
             if acquired:
                 try:
                     lock.release()
@@ -53,6 +77,22 @@ class RedisStore:
 
 
 redis_store = RedisStore()
+
+
+def _renew(lock: Any, every: float, lasting: float, stop: threading.Event) -> None:
+    deadline = time.monotonic() + lasting
+    while not stop.wait(every) and time.monotonic() < deadline:
+        try:
+            lock.reacquire()
+        except LockError:  # expired (Redis unreachable for a whole TTL) or taken
+            log.warning("lock_lost", extra={"event": "lock_lost", "lock": lock.name})
+            return
+        except redis.RedisError as exc:  # try again at the next beat
+            log.warning(
+                "lock_renew_failed: %s",
+                exc,
+                extra={"event": "lock_renew_failed", "lock": lock.name},
+            )
 
 
 @event.listens_for(Engine, "connect")

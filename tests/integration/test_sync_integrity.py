@@ -4,11 +4,18 @@ Direct service calls against the session's real Dovecot."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
+import redis
 import sqlalchemy as sa
 
 from tests.integration.conftest import fail_at_batch
-from webapp.extensions import db
+from webapp.extensions import db, redis_store
 from webapp.models import MailFolder, MailMessage, SyncRun
 from webapp.services import sync as sync_service
 
@@ -144,3 +151,62 @@ def test_changes_on_the_server_during_a_sync_are_picked_up_next_time(
     assert sorted(uid for uid, flags in rows if "\\Flagged" in flags) == batches[0][:2]
     third = sync_service.sync_account(account.id)
     assert (third.new_count, third.updated_count, third.deleted_count) == (0, 0, 0)
+
+
+def test_the_sync_lock_is_short_lived_and_renewed_while_the_sync_runs(
+    app, mail, imap_account, monkeypatch
+):
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 6)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 3)
+    monkeypatch.setattr(sync_service, "LOCK_TTL", 1)
+    client, key = redis_store.client, sync_service.LOCK_KEY.format(account.id)
+    remaining: list[int] = []
+
+    def outlast_the_ttl() -> None:
+        time.sleep(1.6)
+        remaining.append(client.pttl(key))
+
+    fail_at_batch(monkeypatch, 2, outlast_the_ttl)
+    run = sync_service.sync_account(account.id)
+    assert (run.outcome, run.new_count) == ("succeeded", 6), run.error
+    assert 0 < remaining[0] <= 1000  # renewed, never longer than its TTL
+    assert client.exists(key) == 0  # released at the end
+
+
+_HOLD_A_LOCK = """
+import time
+from webapp import create_app
+with create_app().app_context():
+    from webapp.extensions import redis_store
+    with redis_store.locked("mailkey:test:heartbeat", timeout=1, heartbeat_for=120) as held:
+        print("held" if held else "busy", flush=True)
+        time.sleep(120)
+"""
+
+
+def test_a_killed_lock_holder_frees_the_lock_within_its_ttl(base_env, redis_url):
+    """SIGKILL, as the OOM killer sends it: the renewing thread dies with the process,
+    so the lock expires after its TTL (a minute for a sync), not after 30 minutes."""
+    client = redis.Redis.from_url(redis_url)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_A_LOCK],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, **base_env},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        time.sleep(2.5)  # more than twice the TTL: only renewals keep it
+        assert client.exists("mailkey:test:heartbeat") == 1
+        holder.kill()
+        holder.wait(timeout=10)
+        deadline = time.monotonic() + 3
+        while client.exists("mailkey:test:heartbeat") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.exists("mailkey:test:heartbeat") == 0
+    finally:
+        holder.kill()
+        client.delete("mailkey:test:heartbeat")
+        client.close()

@@ -46,7 +46,8 @@ from webapp.services.mailconn import MailAuthFailed, imap_session, is_transient
 log = logging.getLogger("mailkey.sync")
 
 LOCK_KEY = "mailkey:lock:sync:{}"
-SYNC_TIME_LIMIT = 1800  # the sync task's hard limit; a lock or run older than this is stale
+SYNC_TIME_LIMIT = 1800  # the sync task's hard limit; a run older than this is stale
+LOCK_TTL = 60  # renewed every 20 s while the sync runs: a killed worker frees it within a minute
 SNIPPET_CHARS = 200
 
 
@@ -118,7 +119,9 @@ def _finish(run: SyncRun, counts: Counts, outcome: str, error: str | None) -> No
 def sync_account(account_id: int, run_id: int | None = None) -> SyncRun:
     """Sync one account. Raises SyncBusy when another worker is syncing it and
     TransientSyncError when the server or network failed (the run is recorded)."""
-    with redis_store.locked(LOCK_KEY.format(account_id), timeout=SYNC_TIME_LIMIT) as acquired:
+    with redis_store.locked(
+        LOCK_KEY.format(account_id), timeout=LOCK_TTL, heartbeat_for=SYNC_TIME_LIMIT
+    ) as acquired:
         if not acquired:
             raise SyncBusy(account_id)
         account = db.session.get(MailAccount, account_id, populate_existing=True)
