@@ -5,6 +5,7 @@ Direct service calls against the session's real Dovecot."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -13,6 +14,7 @@ from pathlib import Path
 import pytest
 import redis
 import sqlalchemy as sa
+from celery.exceptions import SoftTimeLimitExceeded
 
 from tests.integration.conftest import fail_at_batch
 from webapp.extensions import db, redis_store
@@ -210,3 +212,37 @@ def test_a_killed_lock_holder_frees_the_lock_within_its_ttl(base_env, redis_url)
         holder.kill()
         client.delete("mailkey:test:heartbeat")
         client.close()
+
+
+def test_the_soft_time_limit_cuts_a_stalled_fetch_short(app, mail, imap_account, monkeypatch):
+    """The limit arrives while the reader thread waits on a server that sends nothing:
+    the run ends at once, not after the read timeout, and the reader is off the
+    connection before it is logged out."""
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 4)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 2)
+    monkeypatch.setitem(app.config, "MAIL_TIMEOUT_SECONDS", 20)
+    reader_done: list[object] = []
+
+    def stalled(client, _uids):
+        try:
+            reader_done.append(client._imap.sock.recv(1))  # no command sent: nothing comes
+        except OSError as exc:
+            reader_done.append(exc)
+        raise ConnectionError("the server went quiet")
+
+    def soft_time_limit(*_args):
+        raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+    monkeypatch.setattr(sync_service, "fetch_new", stalled)
+    previous = signal.signal(signal.SIGALRM, soft_time_limit)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    started = time.monotonic()
+    try:
+        run = sync_service.sync_account(account.id)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert time.monotonic() - started < 5  # the read timeout is 20 s
+    assert run.outcome == "failed" and "SoftTimeLimitExceeded" in (run.error or "")
+    assert len(reader_done) == 1

@@ -265,3 +265,10 @@ def test_date_fast_path_agrees_with_the_email_package(value):
         naive = expected.tzinfo is None
         expected = expected.replace(tzinfo=UTC) if naive else expected.astimezone(UTC)
     assert _date(value) == expected
+
+
+def test_dates_past_the_calendar_edge_in_utc_are_none_not_an_error():
+    assert _date("Fri, 31 Dec 9999 23:00:00 -0100") is None
+    assert _date("Fri 31 Dec 9999 23:00:00 -0100") is None  # no comma: the email.utils path
+    assert internal_date(b"31-Dec-9999 23:00:00 -0100") is None
+    assert _date("Fri, 31 Dec 9999 23:00:00 +0100").isoformat() == "9999-12-31T22:00:00+00:00"

@@ -253,14 +253,22 @@ def _date(value: str | None) -> datetime | None:
         except (KeyError, ValueError):
             pass  # 31 Feb, no such month, a zone of a day or more: email.utils decides
         else:
-            return parsed.astimezone(UTC)
+            return _utc(parsed)
     try:
         parsed = parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
-    return parsed.astimezone(UTC)
+    return _utc(parsed)
+
+
+def _utc(moment: datetime) -> datetime | None:
+    """None for a moment past the calendar's edge in UTC (31 Dec 9999 23:00 -0100)."""
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:
+        return None
 
 
 def internal_date(value: bytes | None) -> datetime | None:
@@ -271,7 +279,7 @@ def internal_date(value: bytes | None) -> datetime | None:
         parsed = datetime.strptime(value.decode("ascii").strip(), "%d-%b-%Y %H:%M:%S %z")
     except (UnicodeDecodeError, ValueError):
         return None
-    return parsed.astimezone(UTC)
+    return _utc(parsed)
 
 
 def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -> str:

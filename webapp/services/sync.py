@@ -11,9 +11,11 @@ already stored, so a sync killed half-way resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -315,12 +317,22 @@ def _fetch_new(
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="sync-reader") as reader:
             pending = reader.submit(fetch_new, client, batches[0])
-            for index, batch in enumerate(batches):
-                fetched = pending.result()  # a failed fetch raises here, after the
-                if index + 1 < len(batches):  # batches before it went to the writer
-                    pending = reader.submit(fetch_new, client, batches[index + 1])
-                fetched.sort(key=lambda m: m.uid)
-                writer.put([_message_row(account_id, folder_id, m) for m in fetched], batch[-1])
+            try:
+                for index, batch in enumerate(batches):
+                    fetched = pending.result()  # a failed fetch raises here, after the
+                    if index + 1 < len(batches):  # batches before it went to the writer
+                        pending = reader.submit(fetch_new, client, batches[index + 1])
+                    fetched.sort(key=lambda m: m.uid)
+                    rows = [_message_row(account_id, folder_id, m) for m in fetched]
+                    writer.put(rows, batch[-1])
+            except BaseException:
+                # The soft time limit, Ctrl-C or an error here: cut the reader's FETCH
+                # short (a stalled server would hold the executor's join for the whole
+                # read timeout) so no thread is on the connection when it is logged out.
+                if not pending.done():
+                    with contextlib.suppress(OSError):
+                        client.socket().shutdown(socket.SHUT_RDWR)
+                raise
     finally:
         try:
             writer.close()
