@@ -408,3 +408,58 @@ def test_send_task_of_a_deleted_send_ends_instead_of_requeueing(app):
     from tasks.sync import send_message
 
     assert send_message.apply(args=[987654]).get() == {"send_id": 987654, "status": "not_found"}
+
+
+def _running_run(account_id: int, minutes_ago: int) -> SyncRun:
+    account = db.session.get(MailAccount, account_id)
+    run = SyncRun(
+        account_id=account_id,
+        organization_id=account.organization_id,
+        started_at=utcnow() - timedelta(minutes=minutes_ago),
+    )
+    db.session.add(run)
+    db.session.commit()
+    return run
+
+
+def test_sync_now_takes_over_a_run_whose_worker_was_killed(client, auth_headers, mailbox, mail):
+    """A killed worker leaves its run `running`; once its lock has expired, "sync now"
+    enqueues that run again and a worker finishes it, instead of answering with the
+    dead run until it is 30 minutes old."""
+    account_id = mailbox["account_id"]
+    mail.imap.seed(mailbox["address"], "INBOX", 2)
+    dead = _running_run(account_id, minutes_ago=5)
+    response = client.post(f"/api/v1/accounts/{account_id}/sync", headers=auth_headers())
+    assert response.status_code == 202 and response.json["sync_run_id"] == dead.id
+    finished = _wait_runs(account_id, 2)[-1]
+    assert (finished.id, finished.outcome, finished.new_count) == (dead.id, "succeeded", 2)
+
+
+def test_sync_now_leaves_a_queued_or_live_run_alone(
+    client, auth_headers, mailbox, app, monkeypatch
+):
+    from webapp.extensions import redis_store
+    from webapp.services import accounts as accounts_service
+    from webapp.services.sync import LOCK_KEY
+
+    account_id = mailbox["account_id"]
+    enqueued: list[tuple] = []
+    monkeypatch.setattr(accounts_service, "enqueue", lambda *args: enqueued.append(args))
+    url = f"/api/v1/accounts/{account_id}/sync"
+    queued = _running_run(account_id, minutes_ago=0)  # its task waits for a worker
+    assert client.post(url, headers=auth_headers()).json["sync_run_id"] == queued.id
+    assert enqueued == []
+    db.session.execute(
+        sa.update(SyncRun)
+        .where(SyncRun.id == queued.id)
+        .values(started_at=utcnow() - timedelta(minutes=5))
+    )
+    db.session.commit()
+    redis_store.client.set(LOCK_KEY.format(account_id), "live-worker", ex=60)
+    assert client.post(url, headers=auth_headers()).json["sync_run_id"] == queued.id
+    assert enqueued == []  # a worker holds the lock: it is syncing
+    redis_store.client.delete(LOCK_KEY.format(account_id))
+    assert client.post(url, headers=auth_headers()).json["sync_run_id"] == queued.id
+    assert enqueued == [("tasks.sync.sync_account", account_id, queued.id)]
+    db.session.execute(sa.delete(SyncRun).where(SyncRun.id == queued.id))
+    db.session.commit()

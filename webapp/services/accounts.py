@@ -25,7 +25,7 @@ from webapp.services.mailconn import MailAuthFailed, check_user_host, try_imap_l
 from webapp.services.pagination import decode_cursor, encode_cursor, paginate
 from webapp.services.queue import enqueue
 from webapp.services.send import queue_send
-from webapp.services.sync import start_run
+from webapp.services.sync import orphaned, start_run
 from webapp.services.tokens import ensure_usable
 
 Owner = tuple[int, int]
@@ -215,11 +215,12 @@ def _message_view(message: MailMessage, folder_name: str) -> dict[str, Any]:
 
 
 def request_sync(owner: Owner, account_id: int) -> int:
-    """The running run's id, or a new run enqueued for the workers."""
+    """The running run's id, or a new run enqueued for the workers. A running run whose
+    worker was killed is enqueued again, to be taken over and finished."""
     account = get_owned_account(owner, account_id)
     _ensure_token_usable(account)
     run, already_running = start_run(account)
-    if not already_running:
+    if not already_running or orphaned(run):
         enqueue("tasks.sync.sync_account", account.id, run.id)
     return run.id
 

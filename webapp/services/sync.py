@@ -94,6 +94,14 @@ def start_run(account: MailAccount) -> tuple[SyncRun, bool]:
     return run, False
 
 
+def orphaned(run: SyncRun) -> bool:
+    """A running run that no worker is syncing: its worker was killed (the lock, renewed
+    while a sync runs, has expired) and it is older than a queued task's usual wait."""
+    if run.started_at > utcnow() - timedelta(seconds=LOCK_TTL):
+        return False
+    return not redis_store.client.exists(LOCK_KEY.format(run.account_id))
+
+
 def _finish(run: SyncRun, counts: Counts, outcome: str, error: str | None) -> None:
     """new_count is not set here: the batch writer adds to it with every batch it
     stores, so it also counts what a killed or failed attempt at this run stored."""
