@@ -93,6 +93,31 @@ def test_headers_postgresql_cannot_store_as_they_are_do_not_block_the_mailbox(ma
     assert "bad" in subjects and not any("\x00" in (s or "") for s in subjects)
 
 
+def test_a_header_longer_than_the_prefix_keeps_the_body_as_its_snippet(mail, imap_account):
+    """22 KB of header (the bulk fetch reads 8 KB), and a message that is all header:
+    the snippet is the body (or empty), never header text."""
+    from webapp.crypto import decrypt_field
+    from webapp.services.keys import snippet_aad
+
+    user, account = imap_account
+    filler = b"".join(b"X-Filler-%d: %s\r\n" % (n, b"y" * 70) for n in range(300))
+    mail.imap.append(
+        user,
+        "INBOX",
+        _raw(b"big header", b"big@x").replace(b"\r\n\r\n", b"\r\n" + filler + b"\r\n"),
+    )
+    mail.imap.append(user, "INBOX", b"From: h@example.org\r\nSubject: all header\r\n")
+    run = sync_service.sync_account(account.id)
+    assert (run.outcome, run.new_count) == ("succeeded", 2), run.error
+    rows = db.session.scalars(sa.select(MailMessage).where(MailMessage.account_id == account.id))
+    snippets = {
+        row.subject: row.snippet_encrypted
+        and decrypt_field(row.snippet_encrypted, "pii", snippet_aad(row.folder_id, row.uid))
+        for row in rows
+    }
+    assert snippets == {"big header": "hello", "all header": None}
+
+
 @pytest.fixture
 def smtp_account(app, mail, monkeypatch):
     monkeypatch.setattr(send_service, "enqueue", lambda *args, **kwargs: "not-queued")

@@ -113,15 +113,35 @@ def test_fetch_new_refetches_header_fields_when_the_header_is_longer_than_the_pr
             ],
             [
                 (b"1 (UID 5 BODY[HEADER.FIELDS (SUBJECT)] {24}", b"Subject: long one\r\n\r\n"),
+                (b" BODY[TEXT]<0> {28}", b"body after\r\n\r\nthe long header"),
                 b")",
             ],
         ]
     )
     long_one, short_one = fetch_new(_FakeClient(imap), [5, 6])
     assert envelope(split_headers(long_one.header)).subject == "long one"
+    assert long_one.body == b"body after\r\n\r\nthe long header"  # not the header's text
     assert envelope(split_headers(short_one.header)).subject == "ok"
     assert short_one.body == b"short body"
     assert imap.commands[1][1] == "5"  # only the long one was fetched again
+    assert "BODY.PEEK[TEXT]" in imap.commands[1][2]
+
+
+def test_parse_files_each_literal_under_its_own_section_in_any_order():
+    text_first, header_only = _parse(
+        [
+            (b"1 (UID 5 BODY[TEXT]<0> {12}", b"hello\r\n\r\nthere"),
+            (b' BODY[HEADER.FIELDS ("SUBJECT")] {15}', b"Subject: a\r\n\r\n"),
+            b")",
+            (
+                b'2 (UID 6 BODY[TEXT]<0> "" BODY[HEADER.FIELDS (SUBJECT)] {15}',
+                b"Subject: b\r\n\r\n",
+            ),
+            b")",
+        ]
+    )
+    assert (text_first.header, text_first.body) == (b"Subject: a\r\n\r\n", b"hello\r\n\r\nthere")
+    assert (header_only.header, header_only.body) == (b"Subject: b\r\n\r\n", b"")
 
 
 def test_fetch_new_merges_unsolicited_fetch_responses_and_drops_other_messages():

@@ -27,7 +27,8 @@ SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)")
 INTERNALDATE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
-QUOTED_SECTION = re.compile(rb'\bBODY\[[^\]]*\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
+QUOTED_SECTION = re.compile(rb'\bBODY\[([^\]]*)\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
+SECTION = re.compile(rb"\bBODY\[([^\]]*)\]", re.IGNORECASE)
 QUOTED = re.compile(rb'(INTERNALDATE )?"(?:[^"\\]|\\.)*"')
 UNFOLD = re.compile(r"\r?\n[ \t]+")
 # a wanted field at the start of a line, with its continuation lines
@@ -75,12 +76,14 @@ def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
     items = f"(UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]<0.{PREFIX_BYTES}>)"
     messages = _by_uid(_parse(_uid_fetch(imap, uids, items)), set(uids))
     long_headers = {uid: m for uid, m in messages.items() if not m.header}
-    if long_headers:
-        items = f"(UID BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})])"
+    if long_headers:  # or no body at all: the prefix is header text, not a body
+        items = (
+            f"(UID BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})] BODY.PEEK[TEXT]<0.{PREFIX_BYTES}>)"
+        )
         answers = _parse(_uid_fetch(imap, list(long_headers), items))
         for extra in _by_uid(answers, set(long_headers)).values():
-            # header fields end with a blank line, so _parse put them in .header
-            long_headers[extra.uid].header = extra.header or extra.body
+            message = long_headers[extra.uid]
+            message.header, message.body = extra.header, extra.body
     return list(messages.values())
 
 
@@ -139,18 +142,29 @@ def _parse(data: list[tuple[bytes, bytes] | bytes | None]) -> list[Fetched]:
             current = Fetched()
             messages.append(current)
         _meta(current, text)
-        if literal is None and (quoted := QUOTED_SECTION.search(text)):
+        for quoted in QUOTED_SECTION.finditer(text):
             # a server may send a short body section as a quoted string, not a literal
-            literal = re.sub(rb"\\(.)", rb"\1", quoted.group(1))
-        if literal is not None:
-            head, separator, body = literal.partition(b"\r\n\r\n")
-            if not separator:
-                head, separator, body = literal.partition(b"\n\n")
-            if separator:
-                current.header, current.body = head + b"\r\n", body
-            else:  # header fields only, or a header longer than the prefix
-                current.body = literal
+            _store(current, quoted[1], re.sub(rb"\\(.)", rb"\1", quoted[2]))
+        if literal is not None:  # it belongs to the section that ends the text
+            sections = SECTION.findall(text)
+            _store(current, sections[-1] if sections else b"", literal)
     return messages
+
+
+def _store(message: Fetched, section: bytes, data: bytes) -> None:
+    name = section.upper()
+    if name == b"TEXT":
+        message.body = data
+    elif name.startswith(b"HEADER"):
+        message.header = data
+    else:  # BODY[]<0.N>: the start of the raw message, header and body
+        head, separator, body = data.partition(b"\r\n\r\n")
+        if not separator:
+            head, separator, body = data.partition(b"\n\n")
+        if separator:
+            message.header, message.body = head + b"\r\n", body
+        else:  # a header longer than the prefix, or one with no body after it
+            message.header, message.body = b"", data
 
 
 def _meta(message: Fetched, text: bytes) -> None:
