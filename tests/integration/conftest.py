@@ -1,5 +1,6 @@
 """Fixtures shared by the integration tests: a connected, synced mailbox on Dovecot,
-a password account on it, and a way to make a sync fail at a chosen batch."""
+a password account on it, a way to make a sync fail at a chosen batch, and the token
+row and "refresh now" call the token tests share."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import sqlalchemy as sa
 from tests.support.flows import connect
 from webapp.crypto import encrypt_field
 from webapp.extensions import db
-from webapp.models import MailAccount, OutboundMessage, SyncRun
+from webapp.models import MailAccount, OutboundMessage, SyncRun, UserEmailToken
 from webapp.services import sync as sync_service
 from webapp.services.keys import account_password_aad, payload_aad
 
@@ -28,6 +29,16 @@ def finished_runs(account_id: int) -> list[SyncRun]:
             .order_by(SyncRun.id)
         )
     )
+
+
+def token_row(token_id: int) -> UserEmailToken:
+    """The token as stored now (nothing cached from earlier reads)."""
+    db.session.expire_all()
+    return db.session.get(UserEmailToken, token_id)
+
+
+def refresh_now(client, headers, token_id: int):
+    return client.post(f"/api/v1/oauth/tokens/{token_id}/refresh", headers=headers)
 
 
 def wait_runs(account_id: int, count: int, timeout: float = 40) -> list[SyncRun]:

@@ -14,10 +14,11 @@ from urllib.parse import quote
 import pytest
 
 from tests.conftest import make_app
+from tests.integration.conftest import refresh_now as _refresh
+from tests.integration.conftest import token_row as _token
 from tests.support.flows import authorize, connect, start_login
 from tests.support.oauth_provider import OAuthProvider, ScriptedResponse
-from webapp.extensions import db
-from webapp.models import UserEmailToken, utcnow
+from webapp.models import utcnow
 from webapp.services import tokens as token_service
 
 GOOGLE_SCOPES = "openid email profile https://mail.google.com/"
@@ -55,15 +56,6 @@ def other_app(base_env):
     against this test's (by then stopped) provider."""
     yield lambda **overrides: make_app(base_env, **overrides)
     make_app(base_env)
-
-
-def _token(token_id: int) -> UserEmailToken:
-    db.session.expire_all()
-    return db.session.get(UserEmailToken, token_id)
-
-
-def _refresh(client, headers, token_id: int):
-    return client.post(f"/api/v1/oauth/tokens/{token_id}/refresh", headers=headers)
 
 
 # --- the code exchange --------------------------------------------------------------------

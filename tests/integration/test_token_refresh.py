@@ -8,6 +8,8 @@ from datetime import timedelta
 import pytest
 import sqlalchemy as sa
 
+from tests.integration.conftest import refresh_now as _refresh
+from tests.integration.conftest import token_row as _token
 from tests.integration.conftest import wait_runs
 from tests.support.flows import connect
 from tests.support.oauth_provider import ScriptedResponse
@@ -24,15 +26,6 @@ def connected(client, auth_headers, oauth_provider, celery_worker):
     assert response.status_code == 201, response.json
     wait_runs(response.json["account_id"], 1)
     return response.json["id"]
-
-
-def _token(token_id: int) -> UserEmailToken:
-    db.session.expire_all()
-    return db.session.get(UserEmailToken, token_id)
-
-
-def _refresh(client, headers, token_id):
-    return client.post(f"/api/v1/oauth/tokens/{token_id}/refresh", headers=headers)
 
 
 def test_refresh_now_returns_the_updated_resource(client, auth_headers, connected, oauth_provider):
