@@ -15,11 +15,11 @@ import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import requests
 from flask import current_app
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import Table, bindparam, insert, select, update
 from sqlalchemy.orm import selectinload
 
 from webapp.crypto import DecryptionError, aad_for, decrypt_aes_gcm, encrypt_aes_gcm
@@ -44,10 +44,8 @@ REFRESH_COLUMN = "refresh_token_encrypted"
 MIN_VALIDITY = timedelta(minutes=5)
 MAX_EXPIRES_IN = 366 * 24 * 3600
 # Built once for the refresh hot path: plain Core, no ORM flush and no RETURNING.
-_TOKENS = UserEmailToken.metadata.tables[UserEmailToken.__tablename__]
-_INSERT_ATTEMPT = insert(
-    TokenRefreshAttempt.metadata.tables[TokenRefreshAttempt.__tablename__]
-).inline()
+_TOKENS = cast(Table, UserEmailToken.__table__)
+_INSERT_ATTEMPT = insert(cast(Table, TokenRefreshAttempt.__table__)).inline()
 _UPDATE_TOKEN = update(_TOKENS).where(_TOKENS.c.id == bindparam("row_id"))
 
 
