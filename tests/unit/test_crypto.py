@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
+import os
 import re
 import string
 import subprocess
@@ -105,6 +107,34 @@ def test_fernet_round_trip(value: str, aad: str) -> None:
     stored = encrypt_field(value, EncryptionKeys.PII, aad)
     assert re.fullmatch(r"v1:[0-9a-f]{8}:[A-Za-z0-9_-]+={0,2}", stored)
     assert decrypt_field(stored, EncryptionKeys.PII, aad) == value
+
+
+def _fernet_iv(stored: str) -> bytes:
+    return base64.urlsafe_b64decode(stored.split(":", 2)[2])[9:25]  # version, time, IV
+
+
+def test_fernet_tokens_are_standard_with_unique_ivs_across_pool_refills() -> None:
+    material = base64.b64decode(KEYS[PII_VAR])  # the variable holds the Fernet key, base64ed
+    stored = [encrypt_field("same", aad="x") for _ in range(600)]  # the pool holds 256
+    assert len({_fernet_iv(s) for s in stored}) == 600
+    token = stored[-1].split(":", 2)[2]
+    assert json.loads(Fernet(material).decrypt(token)) == {"aad": "x", "v": "same"}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_never_reuses_the_parents_fernet_ivs() -> None:
+    encrypt_field("fills the parent's IV pool")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report the IV of its first encryption and leave at once
+        os.write(write_end, _fernet_iv(encrypt_field("child")))
+        os._exit(0)
+    os.close(write_end)
+    child_iv = os.read(read_end, 16)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    assert len(child_iv) == 16
+    assert child_iv != _fernet_iv(encrypt_field("parent"))
 
 
 def test_defaults_and_spec_call_shape() -> None:
