@@ -190,8 +190,9 @@ def explain_costs(app: Any, mailkey: Callable[[Any], None], pairs: list[Any]) ->
     rows = [[k, len(v) / count, 1000 * sum(v) / len(v)] for k, v in stats.items()]
     table(["statement", "per refresh", "mean ms"], rows)
     print(f"\nphases per Mailkey refresh ({1000 * total / count:.2f} ms per refresh in all):")
-    rows = [[k, calls / count, 1000 * spent / count] for k, (calls, spent) in phases.items()]
-    table(["phase", "calls", "ms per refresh"], rows)
+    rows = [[k, calls / count, 1000 * spent / count, 1000 * cpu / count]
+            for k, (calls, spent, cpu) in phases.items()]  # fmt: skip
+    table(["phase", "calls", "ms per refresh", "CPU ms"], rows)
 
 
 def main() -> int:

@@ -276,8 +276,10 @@ def profile_syncs(account_id: int) -> None:
         with phase_timers(targets) as totals:
             seconds, _ = timed_sync(account_id)
         print(f"\nphases of the {label} sync ({seconds:.2f} s in all):")
-        rows = [[name, int(calls), spent] for name, (calls, spent) in totals.items() if calls]
-        table(["phase", "calls", "seconds"], rows)
+        rows = [
+            [name, int(calls), spent, cpu] for name, (calls, spent, cpu) in totals.items() if calls
+        ]
+        table(["phase", "calls", "seconds", "CPU s"], rows)
     db.session.execute(delete(MailFolder).where(MailFolder.account_id == account_id))
     db.session.commit()
     profile = cProfile.Profile()
