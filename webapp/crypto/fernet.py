@@ -14,6 +14,7 @@ import os
 import re
 import threading
 import time
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 
 from cryptography.fernet import Fernet, InvalidToken
 
@@ -28,7 +29,6 @@ from .keyring import (
 )
 
 _TOKEN = re.compile(r"[A-Za-z0-9_-]+={0,2}")
-_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # built once, not per call
 
 
 _IV_LEN = 16
@@ -77,7 +77,9 @@ def encrypt_field(value: str, key: EncryptionKeys | str = EncryptionKeys.PII, aa
     kid = _pii_key_id(key)
     if not isinstance(value, str) or not isinstance(aad, str):
         raise CryptoError("value and aad must be str")
-    body = utf8(_JSON.encode({"aad": aad, "v": value}))
+    # json.dumps({"aad": aad, "v": value}, ensure_ascii=False, separators=(",", ":")), with
+    # the C escaper that call uses and without its per-call encoder set-up (~3 µs of ~25)
+    body = utf8(f'{{"aad":{encode_basestring(aad)},"v":{encode_basestring(value)}}}')
     fp, material = ring.current(kid)
     # Fernet.encrypt with a pooled IV, the way MultiFernet.rotate calls it; always the current key.
     token = _fernet(material)._encrypt_from_parts(body, int(time.time()), _iv())

@@ -48,6 +48,8 @@ log = logging.getLogger("mailkey.crypto")
 
 
 def key_id_of(key_id: EncryptionKeys | str) -> EncryptionKeys:
+    if isinstance(key_id, EncryptionKeys):
+        return key_id
     try:
         return EncryptionKeys(key_id)
     except ValueError:

@@ -28,7 +28,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
 
-from webapp.crypto import encrypt_field
+from webapp.crypto import EncryptionKeys, encrypt_field
 from webapp.errors import NeedsReauth, TokenRevoked
 from webapp.extensions import db, redis_store
 from webapp.metrics import MESSAGES_SYNCED_TOTAL, SYNC_RUNS_TOTAL, SYNC_SECONDS
@@ -469,7 +469,9 @@ def _message_row(account_id: int, folder_id: int, message: Fetched) -> dict[str,
         "flags": message.flags or [],
         "size": message.size,
         "snippet_encrypted": (
-            encrypt_field(snippet, "pii", snippet_aad(folder_id, message.uid)) if snippet else None
+            encrypt_field(snippet, EncryptionKeys.PII, snippet_aad(folder_id, message.uid))
+            if snippet
+            else None
         ),
         "modseq": message.modseq,
     }
