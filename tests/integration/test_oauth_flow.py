@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from urllib.parse import parse_qs, urlsplit
 
+import pytest
 import sqlalchemy as sa
 
 from tests.conftest import make_app
@@ -228,15 +229,34 @@ def test_provider_down_at_code_exchange_is_502(client, auth_headers, oauth_provi
     assert _count(UserEmailToken) == 0
 
 
+@pytest.mark.parametrize(
+    ("error", "status"), [("invalid_client", 401), ("unauthorized_client", 400)]
+)
 def test_bad_client_credentials_at_code_exchange_is_502_config(
-    client, auth_headers, oauth_provider
+    client, auth_headers, oauth_provider, error, status
 ):
     headers = auth_headers()
     params = authorize(start_login(client, headers)["authorization_url"])
-    oauth_provider.fail_token_with("invalid_client", status=401)
+    oauth_provider.fail_token_with(error, status=status)
     response = client.get("/api/v1/oauth/callback/google", query_string=params, headers=headers)
     assert response.status_code == 502
     assert response.json["error"]["code"] == "provider_config_error"
+
+
+@pytest.mark.parametrize("error", ["invalid_request", "invalid_code", None])
+def test_code_refused_in_other_words_is_400_provider_error(
+    client, auth_headers, oauth_provider, error
+):
+    """oauth2-mock-server answers invalid_request to a used code or a wrong verifier:
+    the user connects again, so it is not reported as the operator's configuration."""
+    headers = auth_headers()
+    params = authorize(start_login(client, headers)["authorization_url"])
+    body = {"error": error} if error else {"message": "bad code"}
+    oauth_provider.script("token", ScriptedResponse(status=400, json=body))
+    response = client.get("/api/v1/oauth/callback/google", query_string=params, headers=headers)
+    assert response.status_code == 400, response.json
+    assert response.json["error"]["code"] == "provider_error"
+    assert _count(UserEmailToken) == 0
 
 
 def test_invalid_code_is_400_provider_error(client, auth_headers):

@@ -34,7 +34,12 @@ from webapp.errors import (
 from webapp.extensions import db, redis_store
 from webapp.models import MailAccount, UserEmailToken, utcnow
 from webapp.providers import Provider
-from webapp.services.provider_http import ProviderFailure, parse_scope, token_request
+from webapp.services.provider_http import (
+    CONFIG_ERRORS,
+    ProviderFailure,
+    parse_scope,
+    token_request,
+)
 from webapp.services.queue import enqueue
 from webapp.services.tokens import apply_token_response, provider_for
 
@@ -178,7 +183,11 @@ def _exchange_code(provider: Provider, code: str, record: dict[str, Any]) -> dic
                 "http_status": failure.http_status,
             },
         )
-        if failure.kind == "permanent":
+        # A refused code or verifier: Google and Microsoft say invalid_grant, other
+        # servers invalid_request and the like. Connecting again is the user's fix; only
+        # a refused client (CONFIG_ERRORS) is the operator's.
+        refused = failure.kind == "configuration" and failure.error_code not in CONFIG_ERRORS
+        if failure.kind == "permanent" or refused:
             raise ProviderRejected(
                 f"the provider refused the authorization code ({failure.error_code})",
                 reason=failure.error_code,
