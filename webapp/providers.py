@@ -7,6 +7,7 @@ which is how tests and operators point a provider at another server.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,6 +45,11 @@ class Provider:
     @property
     def configured(self) -> bool:
         return bool(self.client_id)
+
+    def missing_mail_scopes(self, granted: Iterable[str]) -> list[str]:
+        """The registry's mail scopes that `granted` lacks."""
+        have = set(granted)
+        return [scope for scope in self.mail_scopes if scope not in have]
 
     @property
     def client_id_var(self) -> str:

@@ -104,6 +104,40 @@ def test_invalid_grant_marks_needs_reauth_and_pauses_account(
     assert oauth_provider.calls["token"] == calls
 
 
+def test_a_refresh_answer_without_the_mail_scope_needs_reauth_and_keeps_its_tokens(
+    client, auth_headers, connected, oauth_provider
+):
+    """oauth2-mock-server answers `scope: "dummy"` to a refresh that sends none: such a
+    grant cannot reach the mailbox, and the callback would have refused it."""
+    answer = {"access_token": "new-access", "refresh_token": "new-refresh", "scope": "dummy"}
+    oauth_provider.script("token", ScriptedResponse(status=200, json=answer))
+    response = _refresh(client, auth_headers(), connected)
+    assert response.status_code == 409, response.json
+    assert response.json["error"]["code"] == "needs_reauth"
+    assert response.json["error"]["reason"] == "mail_scope_missing"
+    token = _token(connected)
+    assert (token.status, token.status_reason, token.scopes) == (
+        "needs_reauth",
+        "mail_scope_missing",
+        "dummy",
+    )
+    # the answer may have rotated the refresh token: the new one is kept
+    assert token_service.read_refresh_token(token) == "new-refresh"
+    assert token_service.read_access_token(token) == "new-access"
+    assert db.session.scalars(sa.select(MailAccount)).one().status == "paused"
+    attempt = db.session.scalars(sa.select(TokenRefreshAttempt)).one()
+    assert (attempt.outcome, attempt.error_code) == ("permanent_error", "mail_scope_missing")
+
+
+def test_a_refresh_answer_without_scope_keeps_the_stored_scopes(
+    client, auth_headers, connected, oauth_provider
+):
+    oauth_provider.omit_scope_in_response = True
+    response = _refresh(client, auth_headers(), connected)
+    assert response.status_code == 200, response.json
+    assert "https://mail.google.com/" in response.json["scopes"]
+
+
 def test_microsoft_aadsts_permanent_code_is_needs_reauth(client, auth_headers, oauth_provider):
     response = connect(client, auth_headers(), "microsoft", oauth_provider, "ms@contoso.com")
     oauth_provider.fail_token_with(

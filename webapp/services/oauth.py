@@ -137,7 +137,7 @@ def complete_callback(
     answer = _exchange_code(provider, code, record)
     address = _mailbox_address(provider, answer)
     granted = _granted_scopes(provider, answer)
-    missing = [scope for scope in provider.mail_scopes if scope not in granted]
+    missing = provider.missing_mail_scopes(granted)
     if missing:
         raise InsufficientScope(
             f"the mail scopes were not granted: {' '.join(missing)}", reason="mail_scope_missing"

@@ -287,9 +287,20 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
     # Values for the metrics and the log, read before the commit expires the objects.
     token_id, provider_name = token.id, token.provider
     changes: dict[str, Any] = {}
+    scope_lost = False
     if failure is None:
         # Nothing but encryption between the provider's answer and this commit.
         changes = token_response_values(token, answer, finished_at)
+        failure = _mail_scope_lost(provider, changes.get("scopes"))
+        if failure is not None:
+            # The grant no longer covers mail. The new tokens are kept (a rotated
+            # refresh token has replaced the old one) but the mailbox must be connected
+            # again: the callback would have refused such a grant.
+            scope_lost = True
+            for column, value in changes.items():
+                setattr(token, column, value)
+            changes = {}
+    if failure is None:
         changes.update(
             last_refreshed_at=finished_at,
             refresh_failure_count=0,
@@ -304,8 +315,10 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
         # A refusal of a refresh token that was replaced while this attempt ran (by a
         # process that took the lock after ours expired) says nothing about the grant,
         # which lives on under the newer token: leave the row to that process.
-        stale = failure.kind == "permanent" and _rotated_meanwhile(
-            token, sent_ciphertext, refresh_secret
+        stale = (
+            failure.kind == "permanent"
+            and not scope_lost
+            and _rotated_meanwhile(token, sent_ciphertext, refresh_secret)
         )
         if not stale:
             token.refresh_failure_count += 1
@@ -344,6 +357,16 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
     if failure is not None:
         raise _api_error(failure)
     return token, True
+
+
+def _mail_scope_lost(provider: Provider, scopes: str | None) -> ProviderFailure | None:
+    """A refresh answer whose `scope` lacks a mail scope (no `scope`: unchanged)."""
+    missing = provider.missing_mail_scopes(scopes.split()) if scopes else None
+    if not missing:
+        return None
+    return ProviderFailure(
+        "permanent", "mail_scope_missing", 200, None, f"not granted: {' '.join(missing)}"
+    )
 
 
 def _rotated_meanwhile(token: UserEmailToken, sent_ciphertext: str | None, sent: str) -> bool:
