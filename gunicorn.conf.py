@@ -14,18 +14,17 @@ graceful_timeout = 20
 accesslog = "-"
 errorlog = "-"
 # The access log line carries the path and query: the redacting formatter
-# removes code, state and token values (OAuth callback query strings).
+# removes code, state and token values (OAuth callback query strings), in the
+# app's LOG_FORMAT. gunicorn merges this into its defaults, which give the root
+# logger a handler of their own: the app's records would then be written twice,
+# once unformatted. The root is left to the app (webapp.logs.configure_logging).
 logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "redacting": {
-            "()": "webapp.logs.RedactingFormatter",
-            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s",
-        },
-    },
+    "root": {"level": "INFO", "handlers": []},
+    "formatters": {"mailkey": {"()": "webapp.logs.gunicorn_formatter"}},
     "handlers": {
-        "console": {"class": "logging.StreamHandler", "formatter": "redacting"},
+        "console": {"class": "logging.StreamHandler", "formatter": "mailkey"},
     },
     "loggers": {
         "gunicorn.error": {"level": "INFO", "handlers": ["console"], "propagate": False},

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.support.flows import authorize, start_login
-from webapp.logs import JsonFormatter, RedactingFormatter, redact
+from webapp.logs import JsonFormatter, RedactingFormatter, configure_logging, redact
 from webapp.services import tokens as token_service
 
 
@@ -100,17 +100,40 @@ def test_redaction_patterns(line):
         assert secret not in redacted
 
 
-def test_gunicorn_access_log_uses_the_redacting_formatter():
+@pytest.fixture
+def gunicorn_logging(monkeypatch):
+    """Apply gunicorn.conf.py's logconfig_dict as gunicorn does (merged into its own
+    defaults, gunicorn/glogging.py), then the app's configure_logging; restore after."""
     import logging.config
     import runpy
 
-    config = runpy.run_path("gunicorn.conf.py")["logconfig_dict"]
-    logging.config.dictConfig(config)
-    access = logging.getLogger("gunicorn.access")
-    stream = io.StringIO()
-    handler = access.handlers[0]
-    handler.setStream(stream)
-    access.info(
+    from gunicorn.glogging import CONFIG_DEFAULTS
+
+    root = logging.getLogger()
+    root_handlers, root_level = root.handlers[:], root.level
+    names = ("gunicorn.access", "gunicorn.error", "mailkey.interop")
+    kept = {name: logging.getLogger(name).handlers[:] for name in names}
+
+    def apply(log_format: str) -> io.StringIO:
+        monkeypatch.setenv("LOG_FORMAT", log_format)
+        config = dict(CONFIG_DEFAULTS)
+        config.update(runpy.run_path("gunicorn.conf.py")["logconfig_dict"])
+        logging.config.dictConfig(config)
+        configure_logging("INFO", log_format)
+        stream = io.StringIO()
+        for handler in [*root.handlers, *logging.getLogger("gunicorn.access").handlers]:
+            handler.setStream(stream)  # type: ignore[attr-defined]
+        return stream
+
+    yield apply
+    root.handlers[:] = root_handlers
+    root.setLevel(root_level)
+    for name, handlers in kept.items():
+        logging.getLogger(name).handlers[:] = handlers
+
+
+def _access_line(stream: io.StringIO) -> str:
+    logging.getLogger("gunicorn.access").info(
         '%(h)s "%(r)s" %(s)s',
         {
             "h": "127.0.0.1",
@@ -118,9 +141,25 @@ def test_gunicorn_access_log_uses_the_redacting_formatter():
             "s": "201",
         },
     )
-    line = stream.getvalue()
+    return stream.getvalue()
+
+
+def test_gunicorn_access_log_uses_the_redacting_formatter(gunicorn_logging):
+    line = _access_line(gunicorn_logging("text"))
     assert "code=[REDACTED]" in line and "state=[REDACTED]" in line
     assert "abc" not in line and "def" not in line
+
+
+def test_under_gunicorn_each_app_line_is_written_once_in_the_chosen_format(gunicorn_logging):
+    """gunicorn's defaults give the root logger a plain handler; every app line was
+    written twice, once unredacted by format and not JSON (found under gunicorn)."""
+    stream = gunicorn_logging("json")
+    logging.getLogger("mailkey.interop").info("connected", extra={"event": "connected"})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 1, lines
+    assert json.loads(lines[0])["event"] == "connected"
+    access = json.loads(_access_line(stream).splitlines()[-1])
+    assert "code=[REDACTED]" in access["message"] and "abc" not in access["message"]
 
 
 def test_json_formatter_redacts_json_text_in_messages_and_exceptions():
