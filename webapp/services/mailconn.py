@@ -174,19 +174,22 @@ class _PinnedIMAP4TLS(tls.IMAP4_TLS):
 
 
 class _PinnedIMAPClient(IMAPClient):
-    """IMAPClient connecting to `address` when one is given, else to the host name."""
+    """IMAPClient connecting to `address` when one is given, else to the host name.
+
+    Always through the classes above: IMAPClient's own IMAP4_TLS (3.1) drops the
+    timeout, so a server that accepts and then stalls held the TLS handshake and the
+    greeting, and with them the worker and the account's sync lock, for good."""
 
     def __init__(self, address: str | None, host: str, **kwargs: Any) -> None:
         self._address = address
         super().__init__(host, **kwargs)
 
     def _create_IMAP4(self) -> Any:
-        if self._address is None:
-            return super()._create_IMAP4()
+        address = self._address or self.host
         timeout = getattr(self._timeout, "connect", None)
         if self.ssl:
-            return _PinnedIMAP4TLS(self._address, self.host, self.port, self.ssl_context, timeout)
-        return _PinnedIMAP4(self._address, self.host, self.port, timeout)
+            return _PinnedIMAP4TLS(address, self.host, self.port, self.ssl_context, timeout)
+        return _PinnedIMAP4(address, self.host, self.port, timeout)
 
 
 def _imap_open(host: str, port: int, security: str, address: str | None = None) -> IMAPClient:
