@@ -7,6 +7,7 @@ that the refresh finds dead surfaces as NeedsReauth / TokenRevoked.
 
 from __future__ import annotations
 
+import base64
 import functools
 import imaplib
 import ipaddress
@@ -217,7 +218,7 @@ def _imap_login(account: MailAccount, access_token: str | None) -> IMAPClient:
     client = _imap_open(host, port, account.incoming_security, address)
     try:
         if access_token is not None:
-            client.oauth2_login(account.username or account.email_address, access_token)
+            xoauth2_login(client, account.username or account.email_address, access_token)
         else:
             client.login(account.username or account.email_address, _password(account))
     except LoginError as exc:
@@ -227,6 +228,32 @@ def _imap_login(account: MailAccount, access_token: str | None) -> IMAPClient:
         _quietly(client.logout)
         raise
     return client
+
+
+def xoauth2_login(client: IMAPClient, user: str, access_token: str) -> None:
+    """AUTHENTICATE XOAUTH2, with the initial response on the command line where the
+    server offers SASL-IR (RFC 4959): GreenMail and others answer a bare AUTHENTICATE
+    XOAUTH2 with BAD instead of a continuation. A refusal may come as a challenge
+    first (Gmail sends its error as JSON): the empty response ends the exchange and
+    the tagged NO follows, in both forms."""
+    initial = f"user={user}\1auth=Bearer {access_token}\1\1".encode()
+    if not client.has_capability("SASL-IR"):
+        challenges = iter([initial])
+        client.sasl_login("XOAUTH2", lambda _challenge: next(challenges, b""))
+        return
+    imap = client._imap  # noqa: SLF001 - IMAPClient's own connection; imaplib has no SASL-IR
+    imap.literal = imaplib._Authenticator(lambda _challenge: b"").process  # type: ignore[attr-defined]  # noqa: SLF001
+    try:
+        typ, data = imap._simple_command(  # noqa: SLF001
+            "AUTHENTICATE", "XOAUTH2", base64.b64encode(initial).decode("ascii")
+        )
+    except imaplib.IMAP4.abort:
+        raise  # the connection failed: not a refusal of the token
+    except imaplib.IMAP4.error as exc:  # a BAD answer
+        raise LoginError(str(exc)) from None
+    if typ != "OK":
+        raise LoginError(_text(data[-1] if data else typ))
+    imap.state = "AUTH"
 
 
 @contextmanager
