@@ -56,6 +56,25 @@ def test_snippet_of_base64_html_even_when_cut_off():
     assert snippet_text(headers, encoded[:20]).startswith("Hello")
 
 
+@pytest.mark.parametrize(
+    ("html", "expected"),
+    [
+        (b"<html><head><title>Newsletter</title><style>p{color:red}</style></head>"
+         b"<body><p>Hi there</p></body></html>", "Hi there"),
+        (b"<STYLE type='text/css'>\r\np { color: red }\r\n</STYLE >A &amp; B&nbsp;C &lt;3",
+         "A & B C <3"),
+        (b"<script>var x = '<p>';</script><!-- hidden <b>note</b> --><header>Top</header> ok",
+         "Top ok"),
+        (b"<p>Visible</p><style>cut off by the prefix, never closed", "Visible"),
+        (b"<p>Visible</p><!-- cut off", "Visible"),
+    ],
+)  # fmt: skip
+def test_html_snippet_is_the_text_a_reader_sees(html, expected):
+    """Found against hoodiecrow-imap: styles and titles were in snippets, entities raw."""
+    headers = split_headers(b"Content-Type: text/html; charset=utf-8\r\n")
+    assert snippet_text(headers, html) == expected
+
+
 def test_parse_splits_prefix_into_header_and_body():
     data = [
         (

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_to_datetime
+from html import unescape
 from typing import Any
 
 from imapclient import IMAPClient
@@ -40,6 +41,11 @@ WANTED_FIELD = re.compile(
 BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 CHARSET = re.compile(r'charset="?([^";\s]+)"?', re.IGNORECASE)
 TAGS = re.compile(r"<[^>]*(?:>|$)")
+# What a browser does not show: the head (title, styles), scripts and comments, up to
+# their end or to the end of the prefix when it cuts them off.
+HIDDEN = re.compile(
+    r"<(head|style|script|title)\b.*?(?:</\1\s*>|$)|<!--.*?(?:-->|$)", re.DOTALL | re.IGNORECASE
+)
 RFC5322_DATE = re.compile(
     r"(?:[A-Za-z]{3}, ?)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2})(?::(\d{2}))?"
     r" ([+-])(\d{2})(\d{2})(?: \([^()]*\))?"
@@ -328,7 +334,9 @@ def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -
     # costs ~4x more); take everything only when that window is mostly tags or spaces.
     window = limit * (16 if html else 4)
     for chunk in (text[:window], text) if len(text) > window else (text,):
-        snippet = " ".join((TAGS.sub(" ", chunk) if html else chunk).split())  # not re: 4x slower
+        if html:
+            chunk = unescape(TAGS.sub(" ", HIDDEN.sub(" ", chunk)))
+        snippet = " ".join(chunk.split())  # not re: 4x slower
         if len(snippet) > limit:
             break
     return snippet[:limit].rstrip()
