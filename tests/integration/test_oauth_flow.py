@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from urllib.parse import parse_qs, urlsplit
 
@@ -205,12 +206,34 @@ def test_an_oversized_state_is_just_unknown(client, auth_headers):
     assert response.status_code == 400 and response.json["error"]["code"] == "invalid_state"
 
 
-def test_missing_mail_scope_stores_nothing(client, auth_headers, oauth_provider):
+def _warning(caplog, event: str) -> logging.LogRecord:
+    (record,) = [r for r in caplog.records if getattr(r, "event", None) == event]
+    assert record.levelno == logging.WARNING
+    return record
+
+
+def test_missing_mail_scope_stores_nothing(client, auth_headers, oauth_provider, caplog):
     oauth_provider.granted_scopes = "openid email profile"
     response = connect(client, auth_headers(), "google", oauth_provider, "frank@example.com")
     assert response.status_code == 400
     assert response.json["error"]["code"] == "insufficient_scope"
     assert _count(UserEmailToken) == 0 and _count(MailAccount) == 0
+    # the operator sees why in the log, not only a 400 in the access log
+    assert _warning(caplog, "oauth_mail_scope_missing").granted == "openid email profile"
+
+
+def test_no_address_from_the_provider_is_502_and_logged(
+    client, auth_headers, oauth_provider, caplog
+):
+    """What oauth2-mock-server does as shipped: userinfo is `{"sub": ...}`, the
+    id_token carries no email."""
+    oauth_provider.issue_id_token = False
+    oauth_provider.script("userinfo", ScriptedResponse(status=200, json={"sub": "johndoe"}))
+    response = connect(client, auth_headers(), "google", oauth_provider, "nobody@example.com")
+    assert response.status_code == 502, response.json
+    assert response.json["error"]["reason"] == "no_address"
+    assert _count(UserEmailToken) == 0
+    assert _warning(caplog, "oauth_no_address").provider == "google"
 
 
 def test_no_scope_in_answer_means_all_requested_granted(client, auth_headers, oauth_provider):

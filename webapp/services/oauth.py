@@ -139,6 +139,14 @@ def complete_callback(
     granted = _granted_scopes(provider, answer)
     missing = provider.missing_mail_scopes(granted)
     if missing:
+        log.warning(  # the operator sees why connecting fails, not only a 400
+            "oauth_mail_scope_missing",
+            extra={
+                "event": "oauth_mail_scope_missing",
+                "provider": provider.name,
+                "granted": " ".join(granted),
+            },
+        )
         raise InsufficientScope(
             f"the mail scopes were not granted: {' '.join(missing)}", reason="mail_scope_missing"
         )
@@ -240,6 +248,14 @@ def _mailbox_address(provider: Provider, answer: dict[str, Any]) -> str:
         address = source()
         if address:
             return address.strip().lower()
+    log.warning(  # claim names only: their values are the user's
+        "oauth_no_address",
+        extra={
+            "event": "oauth_no_address",
+            "provider": provider.name,
+            "id_token_claims": " ".join(sorted(claims)),
+        },
+    )
     raise ProviderError("the provider did not tell the mailbox address", reason="no_address")
 
 
