@@ -18,6 +18,7 @@ delay to every token answer. --profile (or a miss) prints the SQL and time per p
 from __future__ import annotations
 
 import argparse
+import cProfile
 import sys
 import threading
 import time
@@ -35,6 +36,7 @@ from _common import (
     phase_timers,
     provider_env,
     table,
+    top_profile,
     verdict,
 )
 from sqlalchemy import event, func, select
@@ -193,6 +195,10 @@ def explain_costs(app: Any, mailkey: Callable[[Any], None], pairs: list[Any]) ->
     rows = [[k, calls / count, 1000 * spent / count, 1000 * cpu / count]
             for k, (calls, spent, cpu) in phases.items()]  # fmt: skip
     table(["phase", "calls", "ms per refresh", "CPU ms"], rows)
+    profile = cProfile.Profile()
+    seconds = profile.runcall(run, mailkey, pairs, 1)
+    print(f"\ncProfile of {count} sequential refreshes ({seconds:.2f} s under the profiler):")
+    top_profile(profile, 25, "tottime")
 
 
 def main() -> int:

@@ -223,11 +223,11 @@ def test_missing_mail_scope_stores_nothing(client, auth_headers, oauth_provider,
 
 
 def test_no_address_from_the_provider_is_502_and_logged(
-    client, auth_headers, oauth_provider, caplog
+    client, auth_headers, oauth_provider, caplog, monkeypatch
 ):
     """What oauth2-mock-server does as shipped: userinfo is `{"sub": ...}`, the
     id_token carries no email."""
-    oauth_provider.issue_id_token = False
+    monkeypatch.setattr(oauth_provider, "issue_id_token", False)
     oauth_provider.script("userinfo", ScriptedResponse(status=200, json={"sub": "johndoe"}))
     response = connect(client, auth_headers(), "google", oauth_provider, "nobody@example.com")
     assert response.status_code == 502, response.json

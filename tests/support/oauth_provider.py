@@ -209,11 +209,14 @@ class OAuthProvider:
             raise ValueError(f"token_auth_method must be one of {AUTH_METHODS}")
         self.client_id = client_id
         self.client_secret = client_secret
-        self.access_token_ttl = access_token_ttl
-        self.rotation = rotation
-        self.token_auth_method = token_auth_method
-        self.issue_id_token = issue_id_token
-        self.code_ttl = code_ttl
+        # Toggles a test may change; reset() puts these values back.
+        self._defaults = {
+            "access_token_ttl": access_token_ttl,
+            "rotation": rotation,
+            "token_auth_method": token_auth_method,
+            "issue_id_token": issue_id_token,
+            "code_ttl": code_ttl,
+        }
         self._lock = threading.RLock()
         self._stopping = threading.Event()
         self._server: _Server | None = None
@@ -277,6 +280,8 @@ class OAuthProvider:
     def reset(self) -> None:
         """Forget all codes/tokens/scripts/counters and restore the toggles to defaults."""
         with self._lock:
+            for name, value in self._defaults.items():
+                setattr(self, name, value)
             self.next_user_email = "user@example.com"
             self.honor_login_hint = True
             self.deny_next = False
