@@ -18,6 +18,7 @@ from webapp.services.provider_http import (
     ProviderFailure,
     classify,
     client_auth,
+    new_session,
     parse_body,
     parse_scope,
     token_request,
@@ -102,16 +103,19 @@ def test_client_secret_basic_credentials_are_form_encoded():
 
 
 @pytest.fixture
-def cookie_server() -> Iterator[tuple[str, list[str | None], list[str | None]]]:
-    """A token endpoint that sets a cookie on every answer and records what it is sent."""
+def cookie_server() -> Iterator[tuple[str, list[str | None], list[str | None], list[str]]]:
+    """A token endpoint that sets a cookie on every answer and records what it is sent
+    (cookies, Authorization headers, request targets: absolute when used as a proxy)."""
     cookies: list[str | None] = []
     auths: list[str | None] = []
+    paths: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args: Any) -> None:
             pass
 
         def do_POST(self) -> None:
+            paths.append(self.path)
             cookies.append(self.headers.get("Cookie"))
             auths.append(self.headers.get("Authorization"))
             self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -126,13 +130,13 @@ def cookie_server() -> Iterator[tuple[str, list[str | None], list[str | None]]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/token", cookies, auths
+    yield f"http://127.0.0.1:{server.server_port}/token", cookies, auths, paths
     server.shutdown()
     server.server_close()
 
 
 def test_token_requests_carry_no_cookies_and_basic_auth(cookie_server):
-    url, cookies, auths = cookie_server
+    url, cookies, auths, _paths = cookie_server
     provider = _provider(
         token_url=url, client_secret="s+c:r", token_auth_method="client_secret_basic"
     )
@@ -142,6 +146,30 @@ def test_token_requests_carry_no_cookies_and_basic_auth(cookie_server):
     assert cookies == [None, None, None]
     expected = base64.b64encode(b"cid:s%2Bc%3Ar").decode()
     assert auths == [f"Basic {expected}"] * 3
+
+
+@pytest.mark.parametrize(
+    ("environ", "trust_env", "verify"),
+    [
+        ({}, False, True),
+        ({"REQUESTS_CA_BUNDLE": "/etc/ca.pem", "PATH": "/bin"}, False, "/etc/ca.pem"),
+        ({"CURL_CA_BUNDLE": "/etc/curl.pem"}, False, "/etc/curl.pem"),
+        ({"https_proxy": "http://proxy:3128"}, True, True),
+        ({"NO_PROXY": "example.com"}, True, True),
+    ],
+)
+def test_the_environment_is_read_once_unless_a_proxy_is_set(environ, trust_env, verify):
+    session = new_session(environ)
+    assert (session.trust_env, session.verify) == (trust_env, verify)
+
+
+def test_a_proxy_in_the_environment_is_still_used(cookie_server, monkeypatch):
+    proxy, _cookies, _auths, paths = cookie_server
+    monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/token"))
+    provider = _provider(token_url="http://oauth.provider.test/token")
+    answer = token_request(provider, {"grant_type": "refresh_token"}, 5, new_session())
+    assert answer["access_token"] == "at"
+    assert paths == ["http://oauth.provider.test/token"]  # sent to the proxy
 
 
 def test_unreachable_token_endpoint_is_transient():

@@ -7,9 +7,11 @@ Classification reads the raw HTTP response (status, `error`,
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from http.cookiejar import DefaultCookiePolicy
@@ -195,6 +197,19 @@ def _session() -> requests.Session:
     one user's refresh must not carry them into another's."""
     session = getattr(_local, "session", None)
     if session is None:
-        session = _local.session = requests.Session()
-        session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+        session = _local.session = new_session()
+    return session
+
+
+def new_session(environ: Mapping[str, str] = os.environ) -> requests.Session:
+    """A session that keeps no cookies. With no proxy configured in the environment it
+    does not read the environment again on every request (requests scans all of
+    os.environ for proxies twice per call, ~0.8 ms of a ~6 ms refresh); the CA bundle
+    variables requests would read then are applied here, once. With a proxy, requests
+    keeps reading the environment, so NO_PROXY works as it documents."""
+    session = requests.Session()
+    session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
+    if not any(key.lower().endswith("_proxy") and value for key, value in environ.items()):
+        session.trust_env = False  # also skips ~/.netrc: no credentials from elsewhere
+        session.verify = environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or True
     return session
