@@ -16,6 +16,7 @@ from imapclient.exceptions import LoginError
 
 from tests.support.mailserver import make_ca_and_cert
 from webapp.services import mailconn
+from webapp.services.mailconn import MailAuthUnsupported
 
 USER, GOOD = "user@example.com", "good-token"
 REFUSAL = base64.b64encode(b'{"status":"401","schemes":"Bearer"}').decode()
@@ -28,8 +29,9 @@ def _payload(token: str) -> str:
 class ScriptedImap:
     """One connection at a time; `sasl_ir` decides which AUTHENTICATE form works."""
 
-    def __init__(self, cert: str, key: str, sasl_ir: bool) -> None:
+    def __init__(self, cert: str, key: str, sasl_ir: bool, mechanisms: str = "XOAUTH2") -> None:
         self.sasl_ir = sasl_ir
+        self.mechanisms = mechanisms
         self.commands: list[str] = []
         self.after_refusal: list[bytes] = []  # what the client answered the challenge
         self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -50,7 +52,8 @@ class ScriptedImap:
                 self._session(conn.makefile("rwb", buffering=0))
 
     def _session(self, stream) -> None:  # noqa: ANN001 - a socket file
-        capability = "IMAP4rev1 AUTH=XOAUTH2" + (" SASL-IR" if self.sasl_ir else "")
+        auth = " ".join(f"AUTH={mechanism}" for mechanism in self.mechanisms.split())
+        capability = f"IMAP4rev1 {auth}" + (" SASL-IR" if self.sasl_ir else "")
         stream.write(f"* OK [CAPABILITY {capability}] ready\r\n".encode())
         while line := stream.readline():
             tag, command, *args = line.decode().strip().split(" ")
@@ -110,3 +113,17 @@ def test_a_refused_token_is_a_login_error_not_a_hang(imap_server):
     with pytest.raises(LoginError, match="Invalid credentials"):
         _login(imap_server, "expired-token")
     assert imap_server.after_refusal == [b"\r\n"]  # the empty response, not the token again
+
+
+def test_a_server_without_xoauth2_is_unsupported_not_a_refused_token(app, tmp_path, monkeypatch):
+    """pymap offers PLAIN and LOGIN only: a token refresh cannot help, so the login says
+    so (MailAuthUnsupported, no forced refresh) instead of trying and failing."""
+    ca, cert, key = make_ca_and_cert(tmp_path)
+    monkeypatch.setitem(app.config, "MAIL_CA_FILE", str(ca))
+    server = ScriptedImap(str(cert), str(key), sasl_ir=True, mechanisms="PLAIN LOGIN")
+    try:
+        with pytest.raises(MailAuthUnsupported, match="AUTH=PLAIN AUTH=LOGIN"):
+            _login(server, GOOD)
+        assert not [c for c in server.commands if c.startswith("AUTHENTICATE")]
+    finally:
+        server.close()

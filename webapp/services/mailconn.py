@@ -236,7 +236,12 @@ def xoauth2_login(client: IMAPClient, user: str, access_token: str) -> None:
     XOAUTH2 with BAD instead of a continuation. A refusal may come as a challenge
     first (Gmail sends its error as JSON): the empty response ends the exchange and
     the tagged NO follows, in both forms."""
-    initial = f"user={user}\1auth=Bearer {access_token}\1\1".encode()
+    if not client.has_capability("AUTH=XOAUTH2"):  # a forced refresh would not help
+        offered = [c.decode() for c in client.capabilities() if c.upper().startswith(b"AUTH=")]
+        raise MailAuthUnsupported(
+            f"the IMAP server does not offer XOAUTH2 ({' '.join(offered) or 'no AUTH='})"
+        )
+    initial = xoauth2_string(user, access_token).encode()
     if not client.has_capability("SASL-IR"):
         challenges = iter([initial])
         client.sasl_login("XOAUTH2", lambda _challenge: next(challenges, b""))
