@@ -226,6 +226,22 @@ def test_password_account_is_tried_before_it_is_saved(client, auth_headers, mail
     assert deleted.status_code == 204
 
 
+def test_an_account_created_with_sync_disabled_is_not_synced(
+    client, auth_headers, mail, monkeypatch
+):
+    from webapp.services import accounts as accounts_service
+
+    queued: list[tuple] = []
+    monkeypatch.setattr(accounts_service, "enqueue", lambda *args: queued.append(args))
+    body = {
+        "email_address": PASSWORD_USER, "password": PASSWORD, "sync_enabled": False,
+        "imap_host": mail.imap.host, "imap_port": mail.imap.imaps_port,
+    }  # fmt: skip
+    response = client.post("/api/v1/accounts", json=body, headers=auth_headers())
+    assert response.status_code == 201, response.json
+    assert response.json["sync_enabled"] is False and queued == []
+
+
 def test_private_hosts_and_odd_ports_are_refused_when_not_allowed(base_env, make_token):
     app = make_app(base_env, MAIL_ALLOW_PRIVATE_HOSTS="false")
     with app.app_context():

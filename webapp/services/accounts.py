@@ -115,7 +115,8 @@ def create_password_account(owner: Owner, data: dict[str, Any]) -> MailAccount:
     except IntegrityError:
         db.session.rollback()
         raise _invalid("email_address", "an account for this address already exists") from None
-    enqueue("tasks.sync.sync_account", account.id)
+    if account.sync_enabled:  # disabled: synced only when asked (POST .../sync)
+        enqueue("tasks.sync.sync_account", account.id)
     return account
 
 
