@@ -67,6 +67,8 @@ def test_snippet_of_base64_html_even_when_cut_off():
          "Top ok"),
         (b"<p>Visible</p><style>cut off by the prefix, never closed", "Visible"),
         (b"<p>Visible</p><!-- cut off", "Visible"),
+        (b"<html><head><meta charset=utf-8><title>T</title><body><p>Hello reader</p>",
+         "Hello reader"),  # </head> may be left out
     ],
 )  # fmt: skip
 def test_html_snippet_is_the_text_a_reader_sees(html, expected):

@@ -42,9 +42,11 @@ BOUNDARY = re.compile(r'boundary="?([^";]+)"?', re.IGNORECASE)
 CHARSET = re.compile(r'charset="?([^";\s]+)"?', re.IGNORECASE)
 TAGS = re.compile(r"<[^>]*(?:>|$)")
 # What a browser does not show: the head (title, styles), scripts and comments, up to
-# their end or to the end of the prefix when it cuts them off.
+# their end (a head whose end tag is left out: up to <body>) or to the end of the
+# prefix when it cuts them off.
 HIDDEN = re.compile(
-    r"<(head|style|script|title)\b.*?(?:</\1\s*>|$)|<!--.*?(?:-->|$)", re.DOTALL | re.IGNORECASE
+    r"<(head|style|script|title)\b.*?(?:</\1\s*>|(?=<body\b)|$)|<!--.*?(?:-->|$)",
+    re.DOTALL | re.IGNORECASE,
 )
 RFC5322_DATE = re.compile(
     r"(?:[A-Za-z]{3}, ?)?(\d{1,2}) ([A-Za-z]{3}) (\d{4}) (\d{2}):(\d{2})(?::(\d{2}))?"
