@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
+import webapp.crypto.fernet as fernet_module
 import webapp.crypto.keyring as keyring_module
 from webapp.crypto import (
     CryptoError,
@@ -123,12 +124,15 @@ def test_fernet_tokens_are_standard_with_unique_ivs_across_pool_refills() -> Non
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_forked_child_never_reuses_the_parents_fernet_ivs() -> None:
+    fernet_module._ivs.buf = b""  # the next call draws a block the child would inherit
     encrypt_field("fills the parent's IV pool")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child: report the IV of its first encryption and leave at once
-        os.write(write_end, _fernet_iv(encrypt_field("child")))
-        os._exit(0)
+        try:
+            os.write(write_end, _fernet_iv(encrypt_field("child")))
+        finally:
+            os._exit(0)  # never back into pytest, whatever happened
     os.close(write_end)
     child_iv = os.read(read_end, 16)
     os.close(read_end)

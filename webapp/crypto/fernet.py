@@ -48,6 +48,8 @@ class _IVPool(threading.local):
 
 
 _ivs = _IVPool()
+# A private method (cryptography 44-50): should a release drop it, encrypt() still works.
+_WITH_IV = hasattr(Fernet, "_encrypt_from_parts")
 os.register_at_fork(after_in_child=lambda: setattr(_ivs, "buf", b""))
 
 
@@ -81,8 +83,11 @@ def encrypt_field(value: str, key: EncryptionKeys | str = EncryptionKeys.PII, aa
     # the C escaper that call uses and without its per-call encoder set-up (~3 µs of ~25)
     body = utf8(f'{{"aad":{encode_basestring(aad)},"v":{encode_basestring(value)}}}')
     fp, material = ring.current(kid)
-    # Fernet.encrypt with a pooled IV, the way MultiFernet.rotate calls it; always the current key.
-    token = _fernet(material)._encrypt_from_parts(body, int(time.time()), _iv())
+    fernet = _fernet(material)  # always the current key, as MultiFernet does
+    if _WITH_IV:  # Fernet.encrypt with a pooled IV, the way MultiFernet.rotate calls it
+        token = fernet._encrypt_from_parts(body, int(time.time()), _iv())
+    else:
+        token = fernet.encrypt(body)
     return f"v1:{fp}:{token.decode('ascii')}"
 
 
