@@ -230,32 +230,39 @@ def _imap_login(account: MailAccount, access_token: str | None) -> IMAPClient:
     return client
 
 
+class _EndExchange:
+    def respond(self, _challenge: bytes) -> bytes:
+        """The empty response to any challenge (not decoded: it need not be base64)."""
+        return b""
+
+
 def xoauth2_login(client: IMAPClient, user: str, access_token: str) -> None:
     """AUTHENTICATE XOAUTH2, with the initial response on the command line where the
     server offers SASL-IR (RFC 4959): GreenMail and others answer a bare AUTHENTICATE
     XOAUTH2 with BAD instead of a continuation. A refusal may come as a challenge
     first (Gmail sends its error as JSON): the empty response ends the exchange and
     the tagged NO follows, in both forms."""
-    if not client.has_capability("AUTH=XOAUTH2"):  # a forced refresh would not help
-        offered = [c.decode() for c in client.capabilities() if c.upper().startswith(b"AUTH=")]
+    capabilities = client.capabilities()  # one CAPABILITY round trip at most
+    if b"AUTH=XOAUTH2" not in capabilities:  # a forced refresh would not help
+        offered = [c.decode() for c in capabilities if c.startswith(b"AUTH=")]
         raise MailAuthUnsupported(
             f"the IMAP server does not offer XOAUTH2 ({' '.join(offered) or 'no AUTH='})"
         )
     initial = xoauth2_string(user, access_token).encode()
-    if not client.has_capability("SASL-IR"):
+    if b"SASL-IR" not in capabilities:
         challenges = iter([initial])
         client.sasl_login("XOAUTH2", lambda _challenge: next(challenges, b""))
         return
     imap = client._imap  # noqa: SLF001 - IMAPClient's own connection; imaplib has no SASL-IR
-    imap.literal = imaplib._Authenticator(lambda _challenge: b"").process  # type: ignore[attr-defined]  # noqa: SLF001
+    imap.literal = _EndExchange().respond  # imaplib sends what a bound method returns
     try:
         typ, data = imap._simple_command(  # noqa: SLF001
             "AUTHENTICATE", "XOAUTH2", base64.b64encode(initial).decode("ascii")
         )
     except imaplib.IMAP4.abort:
         raise  # the connection failed: not a refusal of the token
-    except imaplib.IMAP4.error as exc:  # a BAD answer
-        raise LoginError(str(exc)) from None
+    except imaplib.IMAP4.error as exc:  # BAD: the one-line form itself, not the token
+        raise MailAuthUnsupported(f"the IMAP server refused AUTHENTICATE XOAUTH2: {exc}") from None
     if typ != "OK":
         raise LoginError(_text(data[-1] if data else typ))
     imap.state = "AUTH"
