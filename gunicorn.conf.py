@@ -3,7 +3,7 @@ gunicorn would otherwise bind 0.0.0.0:$PORT."""
 
 import os
 
-from webapp.logs import REDACTED  # noqa: F401  (fails fast if the package is broken)
+from webapp.config import log_format
 
 bind = [f"127.0.0.1:{os.environ.get('WEB_PORT', '8000')}"]
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
@@ -22,7 +22,7 @@ logconfig_dict = {
     "version": 1,
     "disable_existing_loggers": False,
     "root": {"level": "INFO", "handlers": []},
-    "formatters": {"mailkey": {"()": "webapp.logs.gunicorn_formatter"}},
+    "formatters": {"mailkey": {"()": "webapp.logs.make_formatter", "fmt": log_format(os.environ)}},
     "handlers": {
         "console": {"class": "logging.StreamHandler", "formatter": "mailkey"},
     },

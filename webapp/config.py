@@ -144,6 +144,20 @@ def ensure_dev_secrets(instance_path: Path) -> dict[str, str]:
     return load_dev_secrets(instance_path)
 
 
+MODES = ("development", "production", "test")
+LOG_FORMATS = ("text", "json")
+# What requests itself reads from the environment for the calls to providers.
+REQUESTS_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
+
+
+def log_format(env: Mapping[str, str]) -> str:
+    """LOG_FORMAT as the app reads it, json by default in production; gunicorn.conf.py
+    formats gunicorn's own lines with it (an invalid value fails the app's start)."""
+    r = _Reader(env)
+    production = r.choice("MAILKEY_ENV", "development", MODES) == "production"
+    return r.choice("LOG_FORMAT", "json" if production else "text", LOG_FORMATS)
+
+
 @dataclass(frozen=True)
 class Settings:
     """Validated configuration. Upper-case fields become Flask config keys."""
@@ -179,6 +193,8 @@ class Settings:
     SYNC_BATCH_SIZE: int = 500
     ENCRYPTION: Mapping[str, str | None] = field(default_factory=dict, repr=False)
     PROVIDERS: Mapping[str, Provider] = field(default_factory=dict, repr=False)
+    # Proxy and CA bundle variables, for provider_http.new_session (may hold credentials).
+    REQUESTS_ENV: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def production(self) -> bool:
@@ -195,7 +211,7 @@ class Settings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         env = dict(os.environ if env is None else env)
         r = _Reader(env)
-        mode = r.choice("MAILKEY_ENV", "development", ("development", "production", "test"))
+        mode = r.choice("MAILKEY_ENV", "development", MODES)
         production = mode == "production"
         instance = Path(r.get("MAILKEY_INSTANCE_PATH", str(PROJECT_ROOT / "instance")) or "")
 
@@ -269,7 +285,7 @@ class Settings:
             LOG_LEVEL=r.choice(
                 "LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
             ),
-            LOG_FORMAT=r.choice("LOG_FORMAT", "json" if production else "text", ("text", "json")),
+            LOG_FORMAT=r.choice("LOG_FORMAT", "json" if production else "text", LOG_FORMATS),
             MAX_CONTENT_LENGTH=r.integer("MAX_CONTENT_LENGTH", 1_048_576, 1024),
             TRUSTED_PROXY_COUNT=r.integer("TRUSTED_PROXY_COUNT", 1 if production else 0, 0, 10),
             METRICS_TOKEN=r.get("METRICS_TOKEN"),
@@ -294,6 +310,11 @@ class Settings:
             SYNC_BATCH_SIZE=r.integer("SYNC_BATCH_SIZE", 500, 1, 5000),
             ENCRYPTION=_encryption_values(r),
             PROVIDERS=_load_providers(r, production),
+            REQUESTS_ENV={
+                key: value
+                for key, value in env.items()
+                if key.lower().endswith("_proxy") or key in REQUESTS_VARS
+            },
         )
         if r.errors:
             raise ConfigError("invalid configuration:\n  " + "\n  ".join(r.errors))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import sys
 from datetime import UTC, datetime
@@ -125,15 +124,6 @@ def make_formatter(fmt: str) -> logging.Formatter:
     if fmt == "json":
         return JsonFormatter()
     return RedactingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def gunicorn_formatter() -> logging.Formatter:
-    """gunicorn's own lines (access log, worker lifecycle) in the app's LOG_FORMAT: JSON
-    by default under MAILKEY_ENV=production, as webapp.config decides it."""
-    fmt = os.environ.get("LOG_FORMAT") or (
-        "json" if os.environ.get("MAILKEY_ENV") == "production" else "text"
-    )
-    return make_formatter(fmt)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:

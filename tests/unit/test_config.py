@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from webapp.config import ConfigError, Settings
+from webapp.config import ConfigError, Settings, log_format
 from webapp.crypto import generate_keys
 
 PRODUCTION = {
@@ -124,3 +124,23 @@ def test_refresh_lock_outlives_a_stalling_provider(tmp_path, timeout, lock):
     if timeout:
         env["PROVIDER_TIMEOUT_SECONDS"] = timeout
     assert Settings.from_env(env).REFRESH_LOCK_SECONDS == lock
+
+
+def test_requests_variables_and_gunicorns_log_format_come_from_the_config(tmp_path):
+    env = {
+        "MAILKEY_INSTANCE_PATH": str(tmp_path),
+        "HTTPS_PROXY": "http://proxy:3128",
+        "no_proxy": "localhost",
+        "REQUESTS_CA_BUNDLE": "/etc/ca.pem",
+        "HOME": "/root",
+    }
+    settings = Settings.from_env(env)
+    assert settings.REQUESTS_ENV == {
+        "HTTPS_PROXY": "http://proxy:3128",
+        "no_proxy": "localhost",
+        "REQUESTS_CA_BUNDLE": "/etc/ca.pem",
+    }
+    assert log_format({}) == settings.LOG_FORMAT == "text"
+    assert log_format({"MAILKEY_ENV": "production"}) == "json"
+    assert log_format({"LOG_FORMAT": " json "}) == "json"  # stripped, as the app reads it
+    assert log_format({"LOG_FORMAT": "xml"}) == "text"  # the app refuses to start on it

@@ -165,9 +165,12 @@ def test_the_environment_is_read_once_unless_a_proxy_is_set(environ, trust_env, 
 
 def test_a_proxy_in_the_environment_is_still_used(cookie_server, monkeypatch):
     proxy, _cookies, _auths, paths = cookie_server
-    monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/token"))
+    for name in ("NO_PROXY", "no_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy.removesuffix("/token"))  # requests reads it itself
     provider = _provider(token_url="http://oauth.provider.test/token")
-    answer = token_request(provider, {"grant_type": "refresh_token"}, 5, new_session())
+    session = new_session({"HTTP_PROXY": "set"})
+    answer = token_request(provider, {"grant_type": "refresh_token"}, 5, session)
     assert answer["access_token"] == "at"
     assert paths == ["http://oauth.provider.test/token"]  # sent to the proxy
 

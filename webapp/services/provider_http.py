@@ -7,7 +7,6 @@ Classification reads the raw HTTP response (status, `error`,
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -19,6 +18,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qsl, quote
 
 import requests
+from flask import current_app, has_app_context
 
 from webapp.providers import Provider
 
@@ -159,6 +159,21 @@ def classify(response: requests.Response, body: Any) -> ProviderFailure | None:
     return ProviderFailure("configuration", code, status, None, description)
 
 
+def refused_code(failure: ProviderFailure) -> bool:
+    """At the code exchange: the server refused the code or the verifier, and connecting
+    again is the user's fix. Google and Microsoft say invalid_grant; other servers
+    answer 400 with invalid_request and the like. A refused client (CONFIG_ERRORS, a
+    401/403/404, an AADSTS code such as 900144) stays the operator's."""
+    if failure.kind == "permanent":
+        return True
+    return (
+        failure.kind == "configuration"
+        and failure.http_status == 400
+        and failure.error_code not in CONFIG_ERRORS
+        and not AADSTS.search(failure.description or "")
+    )
+
+
 def token_request(
     provider: Provider,
     data: dict[str, str],
@@ -197,11 +212,12 @@ def _session() -> requests.Session:
     one user's refresh must not carry them into another's."""
     session = getattr(_local, "session", None)
     if session is None:
-        session = _local.session = new_session()
+        environ = current_app.config["REQUESTS_ENV"] if has_app_context() else {}
+        session = _local.session = new_session(environ)
     return session
 
 
-def new_session(environ: Mapping[str, str] = os.environ) -> requests.Session:
+def new_session(environ: Mapping[str, str]) -> requests.Session:
     """A session that keeps no cookies. With no proxy configured in the environment it
     does not read the environment again on every request (requests scans all of
     os.environ for proxies twice per call, ~0.8 ms of a ~6 ms refresh); the CA bundle
