@@ -107,6 +107,22 @@ def test_reconnect_revives_the_same_row(client, auth_headers, oauth_provider):
     assert _count(UserEmailToken) == 1 and _count(MailAccount) == 1
 
 
+def test_connecting_syncs_at_once_unless_the_account_has_sync_turned_off(
+    client, auth_headers, oauth_provider, monkeypatch
+):
+    from webapp.services import oauth as oauth_service
+
+    queued: list[tuple] = []
+    monkeypatch.setattr(oauth_service, "enqueue", lambda *args: queued.append(args))
+    headers = auth_headers()
+    first = connect(client, headers, "google", oauth_provider, "fay@example.com")
+    assert queued == [("tasks.sync.sync_account", first.json["account_id"])]
+    db.session.execute(sa.update(MailAccount).values(sync_enabled=False))
+    db.session.commit()
+    again = connect(client, headers, "google", oauth_provider, "fay@example.com")
+    assert again.status_code == 200 and len(queued) == 1
+
+
 def test_replayed_state_is_rejected(client, auth_headers):
     headers = auth_headers()
     params = authorize(start_login(client, headers)["authorization_url"])
@@ -253,14 +269,22 @@ def test_provider_down_at_code_exchange_is_502(client, auth_headers, oauth_provi
 
 
 @pytest.mark.parametrize(
-    ("error", "status"), [("invalid_client", 401), ("unauthorized_client", 400)]
-)
+    ("body", "status"),
+    [
+        ({"error": "invalid_client"}, 401),
+        ({"error": "unauthorized_client"}, 400),
+        ({"message": "Unauthorized"}, 401),  # RFC 6749 5.2 lets invalid_client be a bare 401
+        ({"message": "no such endpoint"}, 404),  # a wrong token URL
+        ({"error": "invalid_request", "error_description": "AADSTS900144: The request body "
+          "must contain the following parameter: 'client_id'."}, 400),
+    ],
+)  # fmt: skip
 def test_bad_client_credentials_at_code_exchange_is_502_config(
-    client, auth_headers, oauth_provider, error, status
+    client, auth_headers, oauth_provider, body, status
 ):
     headers = auth_headers()
     params = authorize(start_login(client, headers)["authorization_url"])
-    oauth_provider.fail_token_with(error, status=status)
+    oauth_provider.script("token", ScriptedResponse(status=status, json=body))
     response = client.get("/api/v1/oauth/callback/google", query_string=params, headers=headers)
     assert response.status_code == 502
     assert response.json["error"]["code"] == "provider_config_error"

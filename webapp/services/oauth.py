@@ -35,9 +35,9 @@ from webapp.extensions import db, redis_store
 from webapp.models import MailAccount, UserEmailToken, utcnow
 from webapp.providers import Provider
 from webapp.services.provider_http import (
-    CONFIG_ERRORS,
     ProviderFailure,
     parse_scope,
+    refused_code,
     token_request,
 )
 from webapp.services.queue import enqueue
@@ -109,6 +109,7 @@ class CallbackResult:
     token: UserEmailToken
     account_id: int
     created: bool
+    sync_enabled: bool = True
 
 
 def complete_callback(
@@ -152,7 +153,8 @@ def complete_callback(
         )
     answer = {**answer, "scope": " ".join(granted)}
     result = _store(principal, provider, address, answer)
-    enqueue("tasks.sync.sync_account", result.account_id)
+    if result.sync_enabled:  # a reconnected account whose sync was turned off stays off
+        enqueue("tasks.sync.sync_account", result.account_id)
     return result
 
 
@@ -191,11 +193,7 @@ def _exchange_code(provider: Provider, code: str, record: dict[str, Any]) -> dic
                 "http_status": failure.http_status,
             },
         )
-        # A refused code or verifier: Google and Microsoft say invalid_grant, other
-        # servers invalid_request and the like. Connecting again is the user's fix; only
-        # a refused client (CONFIG_ERRORS) is the operator's.
-        refused = failure.kind == "configuration" and failure.error_code not in CONFIG_ERRORS
-        if failure.kind == "permanent" or refused:
+        if refused_code(failure):
             raise ProviderRejected(
                 f"the provider refused the authorization code ({failure.error_code})",
                 reason=failure.error_code,
@@ -328,7 +326,7 @@ def _store(
             "new_mailbox": created,
         },
     )
-    return CallbackResult(token, account.id, created)
+    return CallbackResult(token, account.id, created, account.sync_enabled)
 
 
 def _find_or_add(model: Any, keys: dict[str, Any]) -> tuple[Any, bool]:
