@@ -118,7 +118,11 @@ def token_response_values(
 
 def apply_token_response(token: UserEmailToken, answer: dict[str, Any], now: datetime) -> None:
     """Copy a token endpoint answer into the row (encrypting the secrets)."""
-    for column, value in token_response_values(token, answer, now).items():
+    _set_columns(token, token_response_values(token, answer, now))
+
+
+def _set_columns(token: UserEmailToken, values: dict[str, Any]) -> None:
+    for column, value in values.items():
         setattr(token, column, value)
 
 
@@ -297,8 +301,7 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
             # refresh token has replaced the old one) but the mailbox must be connected
             # again: the callback would have refused such a grant.
             scope_lost = True
-            for column, value in changes.items():
-                setattr(token, column, value)
+            _set_columns(token, changes)
             changes = {}
     if failure is None:
         changes.update(
