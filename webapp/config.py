@@ -150,6 +150,11 @@ LOG_FORMATS = ("text", "json")
 REQUESTS_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 
+def is_proxy_variable(name: str) -> bool:
+    """HTTPS_PROXY, no_proxy and the like, as urllib.request.getproxies reads them."""
+    return name.lower().endswith("_proxy")
+
+
 def log_format(env: Mapping[str, str]) -> str:
     """LOG_FORMAT as the app reads it, json by default in production; gunicorn.conf.py
     formats gunicorn's own lines with it (an invalid value fails the app's start)."""
@@ -313,7 +318,7 @@ class Settings:
             REQUESTS_ENV={
                 key: value
                 for key, value in env.items()
-                if key.lower().endswith("_proxy") or key in REQUESTS_VARS
+                if is_proxy_variable(key) or key in REQUESTS_VARS
             },
         )
         if r.errors:

@@ -20,6 +20,7 @@ from urllib.parse import parse_qsl, quote
 import requests
 from flask import current_app, has_app_context
 
+from webapp.config import is_proxy_variable
 from webapp.providers import Provider
 
 log = logging.getLogger("mailkey.provider")
@@ -225,7 +226,7 @@ def new_session(environ: Mapping[str, str]) -> requests.Session:
     keeps reading the environment, so NO_PROXY works as it documents."""
     session = requests.Session()
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
-    if not any(key.lower().endswith("_proxy") and value for key, value in environ.items()):
+    if not any(is_proxy_variable(key) and value for key, value in environ.items()):
         session.trust_env = False  # also skips ~/.netrc: no credentials from elsewhere
         session.verify = environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or True
     return session

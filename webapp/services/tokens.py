@@ -79,8 +79,7 @@ def _sealed(token: UserEmailToken, access_token: str, refresh_token: str | None)
 
 def store_secrets(token: UserEmailToken, access_token: str, refresh_token: str | None) -> None:
     """Encrypt into the row. A None refresh token keeps the stored one."""
-    for column, value in _sealed(token, access_token, refresh_token).items():
-        setattr(token, column, value)
+    _set_columns(token, _sealed(token, access_token, refresh_token))
 
 
 def read_access_token(token: UserEmailToken) -> str:
