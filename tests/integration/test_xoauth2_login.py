@@ -9,7 +9,8 @@ import base64
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from imapclient.exceptions import LoginError
@@ -84,13 +85,25 @@ class ScriptedImap:
         self.listener.close()
 
 
-@pytest.fixture(params=[True, False], ids=["sasl-ir only", "two-step only"])
-def imap_server(request, app, tmp_path, monkeypatch) -> Iterator[ScriptedImap]:
+@pytest.fixture
+def scripted_imap(app, tmp_path, monkeypatch) -> Iterator[Callable[..., ScriptedImap]]:
+    """Starts ScriptedImap servers with a certificate Mailkey trusts; closes them after."""
     ca, cert, key = make_ca_and_cert(tmp_path)
     monkeypatch.setitem(app.config, "MAIL_CA_FILE", str(ca))
-    server = ScriptedImap(str(cert), str(key), sasl_ir=request.param)
-    yield server
-    server.close()
+    servers: list[ScriptedImap] = []
+
+    def start(**options: Any) -> ScriptedImap:
+        servers.append(ScriptedImap(str(cert), str(key), **options))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture(params=[True, False], ids=["sasl-ir only", "two-step only"])
+def imap_server(request, scripted_imap) -> ScriptedImap:
+    return scripted_imap(sasl_ir=request.param)
 
 
 def _login(server: ScriptedImap, token: str) -> None:
@@ -115,15 +128,10 @@ def test_a_refused_token_is_a_login_error_not_a_hang(imap_server):
     assert imap_server.after_refusal == [b"\r\n"]  # the empty response, not the token again
 
 
-def test_a_server_without_xoauth2_is_unsupported_not_a_refused_token(app, tmp_path, monkeypatch):
+def test_a_server_without_xoauth2_is_unsupported_not_a_refused_token(scripted_imap):
     """pymap offers PLAIN and LOGIN only: a token refresh cannot help, so the login says
     so (MailAuthUnsupported, no forced refresh) instead of trying and failing."""
-    ca, cert, key = make_ca_and_cert(tmp_path)
-    monkeypatch.setitem(app.config, "MAIL_CA_FILE", str(ca))
-    server = ScriptedImap(str(cert), str(key), sasl_ir=True, mechanisms="PLAIN LOGIN")
-    try:
-        with pytest.raises(MailAuthUnsupported, match="AUTH=PLAIN AUTH=LOGIN"):
-            _login(server, GOOD)
-        assert not [c for c in server.commands if c.startswith("AUTHENTICATE")]
-    finally:
-        server.close()
+    server = scripted_imap(sasl_ir=True, mechanisms="PLAIN LOGIN")
+    with pytest.raises(MailAuthUnsupported, match="AUTH=PLAIN AUTH=LOGIN"):
+        _login(server, GOOD)
+    assert not [c for c in server.commands if c.startswith("AUTHENTICATE")]
