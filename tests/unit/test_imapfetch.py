@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import imaplib
+import re
 from datetime import UTC
 from email.utils import parsedate_to_datetime
 
 import pytest
 
 from webapp.services.imapfetch import (
+    FetchError,
     _date,
     _parse,
     envelope,
@@ -16,6 +19,7 @@ from webapp.services.imapfetch import (
     snippet_text,
     split_headers,
 )
+from webapp.services.mailconn import is_transient
 
 
 def test_envelope_decodes_folded_encoded_headers_and_addresses():
@@ -100,16 +104,49 @@ def test_parse_splits_prefix_into_header_and_body():
     assert internal_date(b"garbage") is None and internal_date(None) is None
 
 
-class _FakeImap:
-    """Answers UID FETCH like imaplib, from canned server responses."""
+class _Wire:
+    """The server's side of the stream, as imaplib reads it (readline, read)."""
+
+    def __init__(self, data=b""):
+        self.buffer = bytearray(data)
+
+    def readline(self, limit=-1):
+        end = self.buffer.find(b"\n") + 1 or len(self.buffer)
+        end = min(end, limit) if limit >= 0 else end
+        line = bytes(self.buffer[:end])
+        del self.buffer[:end]
+        return line
+
+    def read(self, size):
+        data = bytes(self.buffer[:size])
+        del self.buffer[:size]
+        return data
+
+
+class _ScriptedIMAP(imaplib.IMAP4):
+    """A real imaplib connection, in the SELECTED state, over canned server bytes: each
+    command sent is answered by the next answer, its TAG replaced by the command's tag."""
 
     def __init__(self, answers):
         self.answers = list(answers)
         self.commands = []
+        super().__init__("scripted.example")
+        self.state = "SELECTED"
 
-    def uid(self, command, uids, items):
-        self.commands.append((command, uids, items))
-        return "OK", self.answers.pop(0)
+    def open(self, host="", port=0, timeout=None):
+        self.host, self.port = host, port
+        self.file = _Wire(b"* OK ready\r\n")
+
+    def send(self, data):
+        tag, _, command = data.rstrip(b"\r\n").partition(b" ")
+        if command == b"CAPABILITY":  # imaplib asks once it has read the greeting
+            self.file.buffer += b"* CAPABILITY IMAP4rev1\r\n%s OK done\r\n" % tag
+            return
+        self.commands.append(tuple(command.decode().split(" ", 3)[1:]))
+        self.file.buffer += self.answers.pop(0).replace(b"TAG", tag)
+
+    def shutdown(self):
+        pass
 
 
 class _FakeClient:
@@ -117,26 +154,26 @@ class _FakeClient:
         self._imap = imap
 
 
+def _literal(data):
+    return b"{%d}\r\n%s" % (len(data), data)
+
+
 def test_fetch_new_refetches_header_fields_when_the_header_is_longer_than_the_prefix():
     from webapp.services.imapfetch import fetch_new
 
     long_header_prefix = b"Received: " + b"x" * 100  # no blank line within the prefix
-    imap = _FakeImap(
+    imap = _ScriptedIMAP(
         [
-            [
-                (b"1 (UID 5 FLAGS () RFC822.SIZE 9000 BODY[]<0> {110}", long_header_prefix),
-                b")",
-                (
-                    b"2 (UID 6 FLAGS (\\Seen) RFC822.SIZE 50 BODY[]<0> {30}",
-                    b"Subject: ok\r\n\r\nshort body",
-                ),
-                b")",
-            ],
-            [
-                (b"1 (UID 5 BODY[HEADER.FIELDS (SUBJECT)] {24}", b"Subject: long one\r\n\r\n"),
-                (b" BODY[TEXT]<0> {28}", b"body after\r\n\r\nthe long header"),
-                b")",
-            ],
+            b"* 1 FETCH (UID 5 FLAGS () RFC822.SIZE 9000 BODY[]<0> "
+            + _literal(long_header_prefix)
+            + b")\r\n* 2 FETCH (UID 6 FLAGS (\\Seen) RFC822.SIZE 50 BODY[]<0> "
+            + _literal(b"Subject: ok\r\n\r\nshort body")
+            + b")\r\nTAG OK done\r\n",
+            b"* 1 FETCH (UID 5 BODY[HEADER.FIELDS (SUBJECT)] "
+            + _literal(b"Subject: long one\r\n\r\n")
+            + b" BODY[TEXT]<0> "
+            + _literal(b"body after\r\n\r\nthe long header")
+            + b")\r\nTAG OK done\r\n",
         ]
     )
     long_one, short_one = fetch_new(_FakeClient(imap), [5, 6])
@@ -170,23 +207,16 @@ def test_fetch_new_merges_unsolicited_fetch_responses_and_drops_other_messages()
     with CONDSTORE the server slips those in as FETCH responses carrying a UID."""
     from webapp.services.imapfetch import fetch_new
 
-    imap = _FakeImap(
+    imap = _ScriptedIMAP(
         [
-            [
-                (
-                    b"1 (UID 5 FLAGS () RFC822.SIZE 30 BODY[]<0> {30}",
-                    b"Subject: a\r\n\r\nfirst body",
-                ),
-                b")",
-                b"2 (UID 6 MODSEQ (40) FLAGS (\\Seen \\Flagged))",
-                (b"7 (UID 99 FLAGS (\\Seen) RFC822.SIZE 10 BODY[]<0> {10}", b"X: y\r\n\r\nzz"),
-                b")",
-                (
-                    b"2 (FLAGS (\\Seen) UID 6 RFC822.SIZE 31 BODY[]<0> {31}",
-                    b"Subject: b\r\n\r\nsecond body",
-                ),
-                b" MODSEQ (41))",
-            ]
+            b"* 1 FETCH (UID 5 FLAGS () RFC822.SIZE 30 BODY[]<0> "
+            + _literal(b"Subject: a\r\n\r\nfirst body")
+            + b")\r\n* 2 FETCH (UID 6 MODSEQ (40) FLAGS (\\Seen \\Flagged))\r\n"
+            b"* 7 FETCH (UID 99 FLAGS (\\Seen) RFC822.SIZE 10 BODY[]<0> "
+            + _literal(b"X: y\r\n\r\nzz")
+            + b")\r\n* 2 FETCH (FLAGS (\\Seen) UID 6 RFC822.SIZE 31 BODY[]<0> "
+            + _literal(b"Subject: b\r\n\r\nsecond body")
+            + b" MODSEQ (41))\r\nTAG OK done\r\n"
         ]
     )
     first, second = fetch_new(_FakeClient(imap), [5, 6])
@@ -240,19 +270,22 @@ def test_fetch_flags_ignores_unsolicited_fetch_responses_without_a_uid():
     names a sequence number only; it must not be taken for the UID of that number."""
     from webapp.services.imapfetch import fetch_flags
 
-    imap = _FakeImap(
+    imap = _ScriptedIMAP(
         [
-            [
-                b"1 (UID 2 FLAGS (\\Seen))",
-                b"2 (FLAGS (\\Deleted \\Seen))",  # unsolicited: seq 2, UID unknown
-                b"2 (UID 3 FLAGS (\\Recent))",
-            ]
+            b"* 1 FETCH (UID 2 FLAGS (\\Seen))\r\n"
+            b"* 2 FETCH (FLAGS (\\Deleted \\Seen))\r\n"  # unsolicited: seq 2, UID unknown
+            b"* 2 FETCH (UID 3 FLAGS (\\Recent))\r\nTAG OK done\r\n"
         ]
     )
     assert fetch_flags(_FakeClient(imap), {2, 3}, changedsince=None) == {2: ["\\Seen"], 3: []}
     assert imap.commands == [("FETCH", "2:3", "(UID FLAGS)")]
     # one range for the folder; UIDs in it that are not stored are left out
-    imap = _FakeImap([[b"1 (UID 2 MODSEQ (8) FLAGS ())", b"2 (UID 4 MODSEQ (9) FLAGS ())"]])
+    imap = _ScriptedIMAP(
+        [
+            b"* 1 FETCH (UID 2 MODSEQ (8) FLAGS ())\r\n* 2 FETCH (UID 4 MODSEQ (9) FLAGS ())\r\n"
+            b"TAG OK done\r\n"
+        ]
+    )
     assert fetch_flags(_FakeClient(imap), {2, 5}, changedsince=7) == {2: []}
     assert imap.commands == [("FETCH", "2:5", "(UID FLAGS) (CHANGEDSINCE 7)")]
 
@@ -313,3 +346,58 @@ def test_dates_past_the_calendar_edge_in_utc_are_none_not_an_error():
     assert _date("Fri 31 Dec 9999 23:00:00 -0100") is None  # no comma: the email.utils path
     assert internal_date(b"31-Dec-9999 23:00:00 -0100") is None
     assert _date("Fri, 31 Dec 9999 23:00:00 +0100").isoformat() == "9999-12-31T22:00:00+00:00"
+
+
+ANSWER_WITH_EVERYTHING = (
+    b"* 3 EXISTS\r\n"
+    b"* 1 FETCH (UID 4 FLAGS (\\Seen) BODY[]<0> " + _literal(b"Subject: a\r\n\r\nbody") + b")\r\n"
+    b"* 2 EXPUNGE\r\n"
+    b"* OK [HIGHESTMODSEQ 42] still here\r\n"
+    b"* 2 FETCH (UID 6 BODY[HEADER.FIELDS (SUBJECT)] " + _literal(b"Subject: b\r\n\r\n")
+    + b" BODY[TEXT]<0> " + _literal(b"") + b" RFC822.SIZE 9)\r\n"
+    b"* FLAGS (\\Answered \\Seen)\r\n"
+    b'* 3 FETCH (UID 7 BODY[]<0> "quoted {5}" FLAGS ())\r\n'
+    b"* NO [ALERT] mailbox nearly full\r\n"
+    b"* 4 FETCH (UID 8 BODY[]<0> NIL)\r\n"
+    b"TAG OK done\r\n"
+)  # fmt: skip
+
+
+def test_fetch_reader_returns_and_files_exactly_what_imaplib_does():
+    """The same server bytes through imaplib's own reader and through Mailkey's."""
+    from webapp.services.imapfetch import _uid_fetch
+
+    ours, theirs = _ScriptedIMAP([ANSWER_WITH_EVERYTHING]), _ScriptedIMAP([ANSWER_WITH_EVERYTHING])
+    for imap in (ours, theirs):  # unasked, during an earlier command
+        imap.untagged_responses["FETCH"] = [b"9 (UID 12 FLAGS (\\Deleted))"]
+    data = _uid_fetch(ours, "4:8", "(UID BODY.PEEK[]<0.8192>)")
+    status, expected = theirs.uid("FETCH", "4:8", "(UID BODY.PEEK[]<0.8192>)")
+    assert status == "OK" and data == expected
+    assert ours.untagged_responses == theirs.untagged_responses
+    assert ours.untagged_responses["HIGHESTMODSEQ"] == [b"42"]
+    assert ours.tagged_commands == theirs.tagged_commands == {}
+    assert len(_parse(data)) == 5
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "message"),
+    [
+        (b"* 1 FETCH (UID 4 BODY[]<0> {10}\r\nSubj", imaplib.IMAP4.abort, "EOF"),
+        (b"* 1 FETCH (UID 4 FLAGS ())\r\n", imaplib.IMAP4.abort, "EOF"),
+        (b"* 1 FETCH (UID 4 FLAGS ())", imaplib.IMAP4.abort, "unterminated"),
+        (b"* BYE shutting down\r\n", imaplib.IMAP4.abort, "BYE"),
+        (b"A999 OK someone else's\r\n", imaplib.IMAP4.abort, "unexpected"),
+        (b"TAG NO [UNAVAILABLE] try later\r\n", FetchError, "NO [UNAVAILABLE] try later"),
+        (b"TAG BAD unknown item\r\n", imaplib.IMAP4.error, "BAD unknown item"),
+    ],
+)
+def test_fetch_reader_fails_like_imaplib_on_a_broken_or_refused_answer(answer, error, message):
+    from webapp.services.imapfetch import _uid_fetch
+
+    imap = _ScriptedIMAP([answer])
+    with pytest.raises(error, match=re.escape(message)) as raised:
+        _uid_fetch(imap, "4", "(UID FLAGS)")
+    if error is not imaplib.IMAP4.abort:  # refused, not broken: the connection goes on
+        assert not isinstance(raised.value, imaplib.IMAP4.abort)
+        assert imap.tagged_commands == {}
+    assert is_transient(raised.value) == (error is not imaplib.IMAP4.error)

@@ -9,6 +9,7 @@ which the server sends as literals that imaplib reads in blocks.
 from __future__ import annotations
 
 import binascii
+import imaplib
 import quopri
 import re
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from imapclient import IMAPClient
 HEADER_FIELDS = "MESSAGE-ID SUBJECT FROM TO CC DATE CONTENT-TYPE CONTENT-TRANSFER-ENCODING"
 PREFIX_BYTES = 8192
 START = re.compile(rb"^\d+ \(")
+MAX_LINE = 1_000_000  # imaplib's limit on a response line
 UID = re.compile(rb"\bUID (\d+)")
 SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
@@ -132,11 +134,90 @@ def _by_uid(parsed: list[Fetched], requested: set[int]) -> dict[int, Fetched]:
 
 
 def _uid_fetch(imap: Any, uids: list[int] | str, items: str) -> list[Any]:
+    """What imaplib's `uid("FETCH", ...)` returns: the FETCH responses, a (text, literal)
+    tuple for each literal and the bytes after the last one, each without "* " and the
+    word FETCH. imaplib sends the command; the answer is read here, with imaplib's own
+    buffered file, at about a third of imaplib's cost per message (its reader matches
+    several patterns, logs and files every line). Other untagged responses are filed
+    where imaplib files them; BYE, an unexpected line or the end of the stream abort."""
     uid_set = uids if isinstance(uids, str) else ",".join(map(str, uids))
-    status, data = imap.uid("FETCH", uid_set, items)
-    if status != "OK":
-        raise FetchError(f"FETCH failed: {status}")
-    return data
+    imap._check_bye()
+    tag = imap._command("UID", "FETCH", uid_set, items)
+    # FETCH responses that arrived unasked during an earlier command come first, as
+    # imaplib hands them over with this answer
+    data: list[Any] = imap.untagged_responses.pop("FETCH", [])
+    readline, read, done = imap.file.readline, imap.file.read, tag + b" "
+    while True:
+        line = _line(imap, readline)
+        if line.startswith(done):
+            del imap.tagged_commands[tag]
+            status, _, text = line[len(done) : -2].partition(b" ")
+            if status == b"OK":
+                return data
+            message = f"{status.decode('ascii', 'replace')} {text.decode('utf-8', 'replace')}"
+            if status == b"NO":  # Gmail's "Some messages could not be FETCHed": later
+                raise FetchError(f"FETCH failed: {message}")
+            raise imap.error(f"FETCH command error: {message}")
+        if line.startswith(b"+"):
+            continue  # a continuation request no command here asked for: imaplib ignores it
+        if not line.startswith(b"* "):
+            raise imap.abort(f"unexpected response: {line[:200]!r}")
+        parts: list[Any] = []
+        while line.endswith(b"}\r\n") and (size := _literal_size(line)) is not None:
+            value = read(size)
+            if len(value) < size:
+                raise imap.abort("socket error: EOF")
+            parts.append((line[:-2], value))
+            line = _line(imap, readline)
+        parts.append(line[:-2])
+        text = parts[0][0] if isinstance(parts[0], tuple) else parts[0]
+        number, _, rest = text[2:].partition(b" ")
+        kind, _, rest = rest.partition(b" ")
+        if kind == b"FETCH" and number.isdigit():
+            head = number + b" " + rest if rest else number
+            parts[0] = (head, parts[0][1]) if isinstance(parts[0], tuple) else head
+            data.extend(parts)
+        else:
+            _file_untagged(imap, parts)
+
+
+def _line(imap: Any, readline: Any) -> bytes:
+    line = readline(MAX_LINE + 1)
+    if not line:
+        raise imap.abort("socket error: EOF")
+    if len(line) > MAX_LINE or not line.endswith(b"\r\n"):
+        raise imap.abort(f"socket error: unterminated line: {line[:200]!r}")
+    return line
+
+
+def _literal_size(line: bytes) -> int | None:
+    """N of a line that ends in {N} and CRLF: a literal of N bytes follows it."""
+    opening = line.rfind(b"{")
+    size = line[opening + 1 : -3]
+    return int(size) if opening >= 0 and size.isdigit() else None
+
+
+def _file_untagged(imap: Any, parts: list[Any]) -> None:
+    """File an untagged response other than FETCH (EXISTS, EXPUNGE, OK [...], BYE) where
+    and as imaplib's own reader files it; a BYE aborts, as imaplib's check for it does."""
+    first = parts[0][0] if isinstance(parts[0], tuple) else parts[0]
+    if imap._match(imaplib.Untagged_response, first):
+        head = imap.mo.group("data") or b""
+    elif imap._match(imap.Untagged_status, first):
+        data2 = imap.mo.group("data2")
+        head = imap.mo.group("data") + (b" " + data2 if data2 else b"")
+    else:
+        raise imap.abort(f"unexpected response: {first[:200]!r}")
+    typ = imap.mo.group("type").decode("ascii")
+    for index, part in enumerate(parts):
+        text, literal = part if isinstance(part, tuple) else (part, None)
+        text = head if index == 0 else text
+        imap._append_untagged(typ, text if literal is None else (text, literal))
+    last = head if len(parts) == 1 else parts[-1]
+    if typ in ("OK", "NO", "BAD") and imap._match(imaplib.Response_code, last):
+        imap._append_untagged(imap.mo.group("type").decode("ascii"), imap.mo.group("data"))
+    if typ == "BYE":
+        raise imap.abort(f"server said BYE: {last[:200]!r}")
 
 
 def _parse(data: list[tuple[bytes, bytes] | bytes | None]) -> list[Fetched]:
