@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -259,12 +260,29 @@ def test_private_hosts_and_odd_ports_are_refused_when_not_allowed(base_env, make
         assert odd.json["error"]["code"] == "host_not_allowed"
 
 
-def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
+@pytest.fixture(params=["postgresql", "sqlite"])
+def any_database(request, base_env, tmp_path):
+    """The session app on PostgreSQL, or a migrated app on SQLite (`make run`'s default)."""
+    if request.param == "postgresql":
+        yield request.getfixturevalue("app")
+        return
+    from flask_migrate import upgrade
+
+    sqlite = make_app(base_env, DATABASE_URL=f"sqlite:///{tmp_path / 'sync.db'}")
+    with sqlite.app_context():
+        upgrade(directory=str(Path(__file__).resolve().parents[2] / "migrations"))
+        yield sqlite
+        db.session.remove()
+        db.engine.dispose()
+
+
+def test_batch_writer_skips_rows_a_killed_run_already_stored(any_database):
     """A batch that overlaps stored rows (a run killed between its commit and its ack)
-    skips them (INSERT ... ON CONFLICT DO NOTHING), counts only the new ones, and the
-    folder's highest UID moves in the same transaction."""
+    skips them (PostgreSQL: its COPY is undone, then INSERT ... ON CONFLICT DO NOTHING),
+    counts only the new ones, and the folder's highest UID moves in the same
+    transaction."""
     from webapp.models import MailFolder
-    from webapp.services.sync import _BatchWriter
+    from webapp.services.sync import COLUMNS, _BatchWriter
 
     account = MailAccount(
         organization_id=1,
@@ -282,22 +300,23 @@ def test_batch_writer_skips_rows_a_killed_run_already_stored(app):
     db.session.add_all([folder, run])
     db.session.commit()
 
-    def row(uid: int) -> dict:
-        return {
+    def row(uid: int) -> tuple:
+        values = {
             "account_id": account.id,
             "folder_id": folder.id,
             "uid": uid,
             "message_id": f"<{uid}@x>",
             "subject": f"s{uid}",
             "from_address": "a@x",
-            "to_addresses": ["b@x"],
-            "cc_addresses": [],
+            "to_addresses": '["b@x"]',
+            "cc_addresses": "[]",
             "sent_at": utcnow(),
-            "flags": ["\\Seen"],
+            "flags": '["\\\\Seen"]',
             "size": 10,
             "snippet_encrypted": None,
             "modseq": None,
         }
+        return tuple(values[column] for column in COLUMNS)
 
     writer = _BatchWriter(db.engine, folder.id, run.id)
     writer.put([row(1), row(2)], 2)

@@ -115,6 +115,37 @@ def test_run_killed_after_a_batch_commit_is_taken_over_and_counts_every_row(
     assert _uids(_assert_consistent(account.id)) == sorted(mail.imap.fetch_uids(user, "INBOX"))
 
 
+def test_a_batch_partly_stored_already_stores_and_counts_only_the_rest(
+    app, mail, imap_account, monkeypatch
+):
+    """Rows above the folder's highest UID exist when a second sync ran alongside after
+    the lock lapsed. The straight COPY of such a batch fails on them and is undone; the
+    batch then goes through INSERT ... ON CONFLICT and only the missing rows count."""
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 12)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
+    assert sync_service.sync_account(account.id).new_count == 12
+    inbox = _inbox(account.id)
+    uids = _uids(inbox)
+    db.session.execute(  # the other sync stored UIDs 6-9; this one's folder says 5
+        sa.delete(MailMessage).where(MailMessage.folder_id == inbox.id, MailMessage.uid > uids[8])
+    )
+    inbox.highest_uid, inbox.message_count = uids[4], 9
+    db.session.commit()
+    copy, tables = sync_service._copy, []
+
+    def recording_copy(cursor, table, columns, rows):
+        tables.append((table, len(rows)))
+        return copy(cursor, table, columns, rows)
+
+    monkeypatch.setattr(sync_service, "_copy", recording_copy)
+    run = sync_service.sync_account(account.id)
+    assert (run.outcome, run.new_count) == ("succeeded", 3), run.error
+    assert tables == [("mail_messages", 5), ("mail_messages_staging", 5), ("mail_messages", 2)]
+    inbox = _inbox(account.id)
+    assert _uids(inbox) == uids and inbox.message_count == 12
+
+
 def test_changes_on_the_server_during_a_sync_are_picked_up_next_time(
     app,
     mail,

@@ -25,6 +25,8 @@ HEADER_FIELDS = "MESSAGE-ID SUBJECT FROM TO CC DATE CONTENT-TYPE CONTENT-TRANSFE
 PREFIX_BYTES = 8192
 START = re.compile(rb"^\d+ \(")
 MAX_LINE = 1_000_000  # imaplib's limit on a response line
+UNTAGGED = imaplib.Untagged_response  # type: ignore[attr-defined]  # "* OK ...", "* BYE ..."
+RESPONSE_CODE = imaplib.Response_code  # type: ignore[attr-defined]  # "[HIGHESTMODSEQ 42]"
 UID = re.compile(rb"\bUID (\d+)")
 SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
@@ -201,7 +203,7 @@ def _file_untagged(imap: Any, parts: list[Any]) -> None:
     """File an untagged response other than FETCH (EXISTS, EXPUNGE, OK [...], BYE) where
     and as imaplib's own reader files it; a BYE aborts, as imaplib's check for it does."""
     first = parts[0][0] if isinstance(parts[0], tuple) else parts[0]
-    if imap._match(imaplib.Untagged_response, first):
+    if imap._match(UNTAGGED, first):
         head = imap.mo.group("data") or b""
     elif imap._match(imap.Untagged_status, first):
         data2 = imap.mo.group("data2")
@@ -214,7 +216,7 @@ def _file_untagged(imap: Any, parts: list[Any]) -> None:
         text = head if index == 0 else text
         imap._append_untagged(typ, text if literal is None else (text, literal))
     last = head if len(parts) == 1 else parts[-1]
-    if typ in ("OK", "NO", "BAD") and imap._match(imaplib.Response_code, last):
+    if typ in ("OK", "NO", "BAD") and imap._match(RESPONSE_CODE, last):
         imap._append_untagged(imap.mo.group("type").decode("ascii"), imap.mo.group("data"))
     if typ == "BYE":
         raise imap.abort(f"server said BYE: {last[:200]!r}")
