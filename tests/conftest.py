@@ -194,6 +194,25 @@ def migrated_app(base_env: dict[str, str]) -> Flask:
 
 
 @pytest.fixture
+def sqlite_app(base_env: dict[str, str], tmp_path: Path, migrated_app: Flask) -> Iterator[Flask]:
+    """A migrated app on SQLite (`make run`'s default), in its app context. Creating an
+    app makes its Celery app the default one; the session app's is made so again after."""
+    from flask_migrate import upgrade
+
+    from webapp.extensions import db
+
+    app = make_app(base_env, DATABASE_URL=f"sqlite:///{tmp_path / 'mailkey.db'}")
+    try:
+        with app.app_context():
+            upgrade(directory=str(Path(__file__).parent.parent / "migrations"))
+            yield app
+            db.session.remove()
+            db.engine.dispose()
+    finally:
+        migrated_app.extensions["celery"].set_default()
+
+
+@pytest.fixture
 def app(migrated_app: Flask, oauth_provider: OAuthProvider) -> Iterator[Flask]:
     """The session app with empty tables, an empty Redis db and a fresh provider.
 

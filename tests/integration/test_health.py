@@ -4,22 +4,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 from datetime import datetime, timedelta
-from pathlib import Path
 
 import pytest
-from flask import Flask
 from flask.testing import FlaskClient
 
-from tests.conftest import make_app
 from webapp.extensions import db
 from webapp.models import MailAccount, SyncRun, TokenRefreshAttempt, UserEmailToken, utcnow
 from webapp.providers import PROVIDER_NAMES
 from webapp.services import health as health_service
 from webapp.services.tokens import store_secrets
 
-MIGRATIONS = str(Path(__file__).resolve().parents[2] / "migrations")
 TOKENS_URL = "/api/v1/health/oauth-tokens"
 SYNC_URL = "/api/v1/health/email-sync"
 TIMELINE_URL = "/api/v1/health/timeline"
@@ -483,18 +478,6 @@ def test_slow_figures_of_a_small_organization_stay_live(client, auth_headers, se
 
 
 # --- SQLite (development) -----------------------------------------------------------------
-
-
-@pytest.fixture
-def sqlite_app(base_env: dict[str, str], tmp_path: Path) -> Iterator[Flask]:
-    from flask_migrate import upgrade
-
-    app = make_app(base_env, DATABASE_URL=f"sqlite:///{tmp_path / 'health.db'}")
-    with app.app_context():
-        upgrade(directory=MIGRATIONS)
-        yield app
-        db.session.remove()
-        db.engine.dispose()
 
 
 def test_sqlite_computes_the_same_figures_with_a_nearest_rank_p95(sqlite_app):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -261,19 +260,9 @@ def test_private_hosts_and_odd_ports_are_refused_when_not_allowed(base_env, make
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
-def any_database(request, base_env, tmp_path):
-    """The session app on PostgreSQL, or a migrated app on SQLite (`make run`'s default)."""
-    if request.param == "postgresql":
-        yield request.getfixturevalue("app")
-        return
-    from flask_migrate import upgrade
-
-    sqlite = make_app(base_env, DATABASE_URL=f"sqlite:///{tmp_path / 'sync.db'}")
-    with sqlite.app_context():
-        upgrade(directory=str(Path(__file__).resolve().parents[2] / "migrations"))
-        yield sqlite
-        db.session.remove()
-        db.engine.dispose()
+def any_database(request):
+    """The session app on PostgreSQL, or a migrated app on SQLite."""
+    return request.getfixturevalue("app" if request.param == "postgresql" else "sqlite_app")
 
 
 def test_batch_writer_skips_rows_a_killed_run_already_stored(any_database):
