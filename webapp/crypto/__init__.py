@@ -11,7 +11,7 @@ import re
 from urllib.parse import quote
 
 from .aes_gcm import decrypt_aes_gcm, encrypt_aes_gcm
-from .fernet import decrypt_field, encrypt_field
+from .fernet import decrypt_field, encrypt_field, field_encryptor
 from .keyring import (
     CryptoError,
     DecryptionError,
@@ -36,6 +36,7 @@ __all__ = [
     "decrypt_field",
     "encrypt_aes_gcm",
     "encrypt_field",
+    "field_encryptor",
     "fingerprint_of",
     "generate_keys",
     "get_keyring",

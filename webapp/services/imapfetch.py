@@ -9,6 +9,7 @@ which the server sends as literals that imaplib reads in blocks.
 from __future__ import annotations
 
 import binascii
+import functools
 import imaplib
 import quopri
 import re
@@ -27,11 +28,10 @@ START = re.compile(rb"^\d+ \(")
 MAX_LINE = 1_000_000  # imaplib's limit on a response line
 UNTAGGED = imaplib.Untagged_response  # type: ignore[attr-defined]  # "* OK ...", "* BYE ..."
 RESPONSE_CODE = imaplib.Response_code  # type: ignore[attr-defined]  # "[HIGHESTMODSEQ 42]"
-UID = re.compile(rb"\bUID (\d+)")
-SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
-FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
-MODSEQ = re.compile(rb"\bMODSEQ \((\d+)\)")
-INTERNALDATE = re.compile(rb'\bINTERNALDATE "([^"]+)"')
+ITEM = re.compile(
+    rb"\b(?:UID (\d+)|RFC822\.SIZE (\d+)|FLAGS \(([^)]*)\)|MODSEQ \((\d+)\)"
+    rb'|INTERNALDATE "([^"]+)")'
+)
 QUOTED_SECTION = re.compile(rb'\bBODY\[([^\]]*)\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
 SECTION = re.compile(rb"\bBODY\[([^\]]*)\]", re.IGNORECASE)
 QUOTED = re.compile(rb'(INTERNALDATE )?"(?:[^"\\]|\\.)*"')
@@ -226,16 +226,21 @@ def _parse(data: list[tuple[bytes, bytes] | bytes | None]) -> list[Fetched]:
     messages: list[Fetched] = []
     current: Fetched | None = None
     for part in data:
-        if part is None:
-            continue
+        if part is None or part == b")":
+            continue  # the ")" that closes a response
         text, literal = part if isinstance(part, tuple) else (part, None)
-        if START.match(text) or current is None:
+        if current is None or START.match(text):
             current = Fetched()
             messages.append(current)
-        _meta(current, text)
-        for quoted in QUOTED_SECTION.finditer(text):
-            # a server may send a short body section as a quoted string, not a literal
-            _store(current, quoted[1], re.sub(rb"\\(.)", rb"\1", quoted[2]))
+        quotes = text.count(b'"')
+        if not quotes or (quotes == 2 and b'INTERNALDATE "' in text):
+            _meta(current, text)  # INTERNALDATE's quotes alone (every message)
+        else:
+            # a quoted body section may itself read "UID 9 FLAGS (...)": blanked first
+            _meta(current, QUOTED.sub(lambda match: match[0] if match[1] else b'""', text))
+            for quoted in QUOTED_SECTION.finditer(text):
+                # a server may send a short body section as a quoted string, not a literal
+                _store(current, quoted[1], re.sub(rb"\\(.)", rb"\1", quoted[2]))
         if literal is not None:  # it belongs to the section that ends the text
             sections = SECTION.findall(text)
             _store(current, sections[-1] if sections else b"", literal)
@@ -259,27 +264,25 @@ def _store(message: Fetched, section: bytes, data: bytes) -> None:
 
 
 def _meta(message: Fetched, text: bytes) -> None:
-    if len(text) < 3:
-        return  # the ")" that closes a response
-    quotes = text.count(b'"')
-    if quotes and not (quotes == 2 and INTERNALDATE.search(text)):
-        # a quoted body section may itself read "UID 9 FLAGS (...)"; INTERNALDATE's
-        # quotes alone (every message) need no blanking
-        text = QUOTED.sub(lambda match: match[0] if match[1] else b'""', text)
-    if match := UID.search(text):
-        message.uid = int(match.group(1))
-    if match := SIZE.search(text):
-        message.size = int(match.group(1))
-    if match := FLAGS.search(text):
-        message.flags = [
-            flag.decode("utf-8", "replace")
-            for flag in match.group(1).split()
-            if flag.lower() != b"\\recent"  # session state, not the message's
-        ]
-    if match := MODSEQ.search(text):
-        message.modseq = int(match.group(1))
-    if match := INTERNALDATE.search(text):
-        message.internaldate = match.group(1)
+    """The items of a response's text, in one pass (ITEM's groups: 1 UID, 2 RFC822.SIZE,
+    3 FLAGS, 4 MODSEQ, 5 INTERNALDATE)."""
+    for match in ITEM.finditer(text):
+        item = match.lastindex or 0  # one group always takes part
+        value = match[item]
+        if item == 1:
+            message.uid = int(value)
+        elif item == 2:
+            message.size = int(value)
+        elif item == 3:
+            message.flags = [
+                flag.decode("utf-8", "replace")
+                for flag in value.split()
+                if flag.lower() != b"\\recent"  # session state, not the message's
+            ]
+        elif item == 4:
+            message.modseq = int(value)
+        else:
+            message.internaldate = value
 
 
 @dataclass
@@ -349,11 +352,10 @@ def _date(value: str | None) -> datetime | None:
     match = RFC5322_DATE.fullmatch(value)  # the usual form, ~4x cheaper than email.utils
     if match and int(match[3]) >= 100:  # email.utils reads years below 100 as 19xx/20xx
         day, month, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
-        offset = timedelta(hours=int(zone_h), minutes=int(zone_m))
         try:
             parsed = datetime(
                 int(year), MONTHS[month.lower()], int(day), int(hour), int(minute),
-                int(second or 0), tzinfo=timezone(-offset if sign == "-" else offset),
+                int(second or 0), tzinfo=_zone(sign, zone_h, zone_m),
             )  # fmt: skip
         except (KeyError, ValueError):
             pass  # 31 Feb, no such month, a zone of a day or more: email.utils decides
@@ -366,6 +368,13 @@ def _date(value: str | None) -> datetime | None:
     if parsed.tzinfo is None:
         return parsed.replace(tzinfo=UTC)
     return _utc(parsed)
+
+
+@functools.lru_cache(maxsize=256)
+def _zone(sign: str, hours: str, minutes: str) -> timezone:
+    """The zone of a +hhmm offset; a mailbox's messages share a few."""
+    offset = timedelta(hours=int(hours), minutes=int(minutes))
+    return timezone(-offset if sign == "-" else offset)
 
 
 def _utc(moment: datetime) -> datetime | None:
@@ -390,11 +399,11 @@ def internal_date(value: bytes | None) -> datetime | None:
 def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -> str:
     """Readable start of the message: the first text part, transfer-decoded, tags
     stripped, white space folded. Works on the prefix only."""
+    content_type = _first(headers, "content-type") or ""
     for _depth in range(3):
-        content_type = (_first(headers, "content-type") or "text/plain").lower()
-        if not content_type.startswith("multipart/"):
+        if not content_type.lower().startswith("multipart/"):
             break
-        boundary = BOUNDARY.search(_first(headers, "content-type") or "")
+        boundary = BOUNDARY.search(content_type)
         if not boundary:
             return ""
         marker = b"--" + boundary.group(1).strip('"').encode()
@@ -403,21 +412,22 @@ def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -
             return ""
         head, _sep, body = parts[1].lstrip(b"\r\n").partition(b"\r\n\r\n")
         headers = split_headers(head + b"\r\n")
+        content_type = _first(headers, "content-type") or ""
     encoding = (_first(headers, "content-transfer-encoding") or "").strip().lower()
     if encoding == "base64":
         compact = re.sub(rb"[^A-Za-z0-9+/=]", b"", body)
         body = binascii.a2b_base64(compact[: len(compact) // 4 * 4] or b"")
     elif encoding == "quoted-printable":
         body = quopri.decodestring(body)
-    charset = CHARSET.search(_first(headers, "content-type") or "")
+    charset = CHARSET.search(content_type) if "=" in content_type else None
     try:
         text = body.decode(charset.group(1).strip('"') if charset else "utf-8", "replace")
     except LookupError:
         text = body.decode("utf-8", "replace")
-    html = "html" in (_first(headers, "content-type") or "").lower()
+    html = "html" in content_type.lower()
     # Fold a window a few times the snippet's length first (the whole 8 KB prefix
     # costs ~4x more); take everything only when that window is mostly tags or spaces.
-    window = limit * (16 if html else 4)
+    window = limit * (16 if html else 2)
     for chunk in (text[:window], text) if len(text) > window else (text,):
         if html:
             chunk = unescape(TAGS.sub(" ", HIDDEN.sub(" ", chunk)))

@@ -18,6 +18,7 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -30,7 +31,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientAbortError, IMAPClientError
 from sqlalchemy import Connection, Engine, Table, bindparam, delete, func, select, update
 
-from webapp.crypto import EncryptionKeys, encrypt_field
+from webapp.crypto import EncryptionKeys, field_encryptor
 from webapp.errors import NeedsReauth, TokenRevoked
 from webapp.extensions import db, redis_store
 from webapp.metrics import MESSAGES_SYNCED_TOTAL, SYNC_RUNS_TOTAL, SYNC_SECONDS
@@ -339,7 +340,8 @@ def _fetch_new(
                     if index + 1 < len(batches):  # batches before it went to the writer
                         pending = reader.submit(fetch_new, client, batches[index + 1])
                     fetched.sort(key=lambda m: m.uid)
-                    rows = [_message_row(account_id, folder_id, m) for m in fetched]
+                    encrypt = field_encryptor(EncryptionKeys.PII)
+                    rows = [_message_row(account_id, folder_id, m, encrypt) for m in fetched]
                     writer.put(rows, batch[-1])
             except BaseException:
                 # The soft time limit, Ctrl-C or an error here: cut the reader's FETCH
@@ -475,7 +477,9 @@ def _json_strings(values: list[str]) -> str:
     return "[" + ", ".join([encode_basestring_ascii(value) for value in values]) + "]"
 
 
-def _message_row(account_id: int, folder_id: int, message: Fetched) -> Row:
+def _message_row(
+    account_id: int, folder_id: int, message: Fetched, encrypt: Callable[[str, str], str]
+) -> Row:
     fields = split_headers(message.header)
     headers = envelope(fields)
     snippet = snippet_text(fields, message.body, SNIPPET_CHARS)
@@ -492,9 +496,7 @@ def _message_row(account_id: int, folder_id: int, message: Fetched) -> Row:
         headers.sent_at or internal_date(message.internaldate),
         _json_strings(message.flags or []),
         message.size,
-        encrypt_field(snippet, EncryptionKeys.PII, snippet_aad(folder_id, message.uid))
-        if snippet
-        else None,
+        encrypt(snippet, snippet_aad(folder_id, message.uid)) if snippet else None,
         message.modseq,
     )
 
