@@ -228,6 +228,11 @@ def cpu_by_program() -> dict[str, float]:
 
 def cpu_delta(before: dict[str, float], after: dict[str, float], least: float = 0.02) -> str:
     """'name 0.52 s, ...' for the programs that used at least `least` s in between."""
-    spent = {name: after[name] - before.get(name, 0.0) for name in after}
+    # kernel worker threads are left out: here their counters run faster than the clock
+    spent = {
+        name: after[name] - before.get(name, 0.0)
+        for name in after
+        if not name.startswith(("kworker/", "ksoftirqd/"))
+    }
     busy = sorted(((s, n) for n, s in spent.items() if s >= least), reverse=True)
     return ", ".join(f"{name} {seconds:.2f}" for seconds, name in busy) or "none"

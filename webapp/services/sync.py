@@ -18,6 +18,7 @@ import queue
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ LOCK_KEY = "mailkey:lock:sync:{}"
 SYNC_TIME_LIMIT = 1800  # the sync task's hard limit; a run older than this is stale
 LOCK_TTL = 60  # renewed every 20 s while the sync runs: a killed worker frees it within a minute
 SNIPPET_CHARS = 200
+READ_AHEAD = 2  # batches the reader thread may fetch ahead of the parsing thread
 COLUMNS = (
     "account_id", "folder_id", "uid", "message_id", "subject", "from_address",
     "to_addresses", "cc_addresses", "sent_at", "flags", "size", "snippet_encrypted", "modseq",
@@ -318,7 +320,7 @@ def _modseq(info: dict[bytes, Any]) -> int | None:
 def _fetch_new(
     account: MailAccount, client: IMAPClient, folder: MailFolder, run_id: int, counts: Counts
 ) -> None:
-    """Three stages overlap: a reader thread fetches the next batch while this one
+    """Three stages overlap: a reader thread fetches the next batches while this one
     turns the current batch into rows and a writer thread stores the previous one, so
     the server, the database and this process work at the same time. The connection
     is used by the reader alone until the last fetch has returned."""
@@ -333,21 +335,28 @@ def _fetch_new(
     writer = _BatchWriter(db.engine, folder_id, run_id)
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="sync-reader") as reader:
-            pending = reader.submit(fetch_new, client, batches[0])
+            # The reader goes on to the next batch as soon as it has one, without waiting
+            # for this thread: the server is not left idle between two batches.
+            pending = deque(reader.submit(fetch_new, client, b) for b in batches[:READ_AHEAD])
             try:
                 for index, batch in enumerate(batches):
-                    fetched = pending.result()  # a failed fetch raises here, after the
-                    if index + 1 < len(batches):  # batches before it went to the writer
-                        pending = reader.submit(fetch_new, client, batches[index + 1])
+                    fetched = pending[0].result()  # a failed fetch raises here, after
+                    pending.popleft()  # the batches before it went to the writer
+                    if index + READ_AHEAD < len(batches):
+                        ahead = batches[index + READ_AHEAD]
+                        pending.append(reader.submit(fetch_new, client, ahead))
                     fetched.sort(key=lambda m: m.uid)
                     encrypt = field_encryptor(EncryptionKeys.PII)
                     rows = [_message_row(account_id, folder_id, m, encrypt) for m in fetched]
                     writer.put(rows, batch[-1])
             except BaseException:
-                # The soft time limit, Ctrl-C or an error here: cut the reader's FETCH
-                # short (a stalled server would hold the executor's join for the whole
-                # read timeout) so no thread is on the connection when it is logged out.
-                if not pending.done():
+                # The soft time limit, Ctrl-C or an error here or in a fetch: the fetches
+                # not started are dropped, one under way is cut short (a stalled server
+                # would hold the executor's join for the whole read timeout), so no thread
+                # is on the connection when it is logged out.
+                for future in pending:
+                    future.cancel()
+                if not all(future.done() for future in pending):
                     with contextlib.suppress(OSError):
                         client.socket().shutdown(socket.SHUT_RDWR)
                 raise
@@ -366,7 +375,7 @@ class _BatchWriter:
 
     def __init__(self, engine: Engine, folder_id: int, run_id: int) -> None:
         self.engine, self.folder_id, self.run_id = engine, folder_id, run_id
-        self.batches: queue.Queue[tuple[list[Row], int] | None] = queue.Queue(2)
+        self.batches: queue.Queue[tuple[list[Row], int] | None] = queue.Queue(8)
         self.inserted = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="sync-writer", daemon=True)
