@@ -260,8 +260,6 @@ def main() -> int:
 def profile_syncs(account_id: int) -> None:
     """Forget the folders (cascading to messages), then time an initial and a no-change
     sync per phase (plain timers, no profiler), then cProfile the initial one."""
-    from concurrent.futures import Future
-
     from cryptography.fernet import Fernet
     from imapclient import IMAPClient
     from sqlalchemy import Connection
@@ -276,12 +274,12 @@ def profile_syncs(account_id: int) -> None:
         (IMAPClient, "list_folders", "IMAPClient.list_folders"),
         (IMAPClient, "select_folder", "IMAPClient.select_folder"),
         (IMAPClient, "search", "IMAPClient.search"),
-        (service, "fetch_new", "imapfetch.fetch_new (server, I/O, literals split)"),
+        (service, "request_new", "imapfetch.request_new (FETCH sent)"),
+        (service, "receive_new", "imapfetch.receive_new (server, I/O, literals split)"),
         (service, "_update_flags", "sync._update_flags (stored flags read and compared)"),
         (service, "fetch_flags", "  of which imapfetch.fetch_flags (server, I/O, parse)"),
         (service, "_message_row", "sync._message_row (decode, snippet)"),
         (Fernet, "_encrypt_from_parts", "  of which Fernet (AES-CBC, HMAC, base64)"),
-        (Future, "result", "Future.result (waiting for the reader)"),
         (service._BatchWriter, "put", "_BatchWriter.put (waiting for the writer)"),
         (service, "_insert", "sync._insert in the writer thread (COPY)"),
         (Connection, "_commit_impl", "Connection COMMIT (the writer's and the rest)"),

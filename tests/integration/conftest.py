@@ -98,19 +98,20 @@ def imap_account(app, mail):
 
 
 def fail_at_batch(monkeypatch, batch: int, action: Callable[[], None]) -> Callable[[], None]:
-    """Make the sync run `action` (kick the connection, raise ...) just before it fetches
-    its `batch`-th batch; returns the function that puts the real fetch back."""
-    fetch_new = sync_service.fetch_new
+    """Make the sync run `action` (kick the connection, raise ...) just before it sends
+    the FETCH of its `batch`-th batch (the rows of the batch before that one are not yet
+    handed to the writer then); returns the function that puts the real request back."""
+    request_new = sync_service.request_new
     batches: list[list[int]] = []
 
-    def fetch(client, uids):
+    def request(client, uids):
         batches.append(uids)
         if len(batches) == batch:
             action()
-        return fetch_new(client, uids)
+        return request_new(client, uids)
 
-    monkeypatch.setattr(sync_service, "fetch_new", fetch)
-    return lambda: monkeypatch.setattr(sync_service, "fetch_new", fetch_new)
+    monkeypatch.setattr(sync_service, "request_new", request)
+    return lambda: monkeypatch.setattr(sync_service, "request_new", request_new)
 
 
 def queued_send(request: dict, *, aad_send_id: int | None = None) -> OutboundMessage:

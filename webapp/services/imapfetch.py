@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from email.header import decode_header, make_header
 from email.utils import getaddresses, parsedate_to_datetime
 from html import unescape
-from typing import Any
+from typing import Any, cast
 
 from imapclient import IMAPClient
 
@@ -80,19 +80,33 @@ class Fetched:
     body: bytes = b""
 
 
+NEW_ITEMS = f"(UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]<0.{PREFIX_BYTES}>)"
+LONG_HEADER_ITEMS = (
+    f"(UID BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})] BODY.PEEK[TEXT]<0.{PREFIX_BYTES}>)"
+)
+
+
 def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
     """UID FETCH of flags, size and the first PREFIX_BYTES of each raw message (the
     server reads those without parsing MIME); headers longer than that are fetched
     again as header fields."""
-    imap = client._imap  # noqa: SLF001 - the same connection, read with imaplib directly
-    items = f"(UID FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[]<0.{PREFIX_BYTES}>)"
-    messages = _by_uid(_parse(_uid_fetch(imap, uids, items)), set(uids))
+    return receive_new(client, uids, request_new(client, uids))
+
+
+def request_new(client: IMAPClient, uids: list[int]) -> bytes:
+    """Send fetch_new's UID FETCH and return its tag; `receive_new` reads the answer,
+    which the server prepares meanwhile. One command at a time is in flight: untagged
+    answers cannot be told apart, so nothing else may be sent before it is read."""
+    return _send_fetch(client._imap, uids, NEW_ITEMS)  # noqa: SLF001 - see the module doc
+
+
+def receive_new(client: IMAPClient, uids: list[int], tag: bytes) -> list[Fetched]:
+    """The messages of `request_new`'s answer, long headers fetched again first."""
+    imap = client._imap  # noqa: SLF001
+    messages = _by_uid(_parse(_read_answer(imap, tag)), set(uids))
     long_headers = {uid: m for uid, m in messages.items() if not m.header}
     if long_headers:  # or no body at all: the prefix is header text, not a body
-        items = (
-            f"(UID BODY.PEEK[HEADER.FIELDS ({HEADER_FIELDS})] BODY.PEEK[TEXT]<0.{PREFIX_BYTES}>)"
-        )
-        answers = _parse(_uid_fetch(imap, list(long_headers), items))
+        answers = _parse(_uid_fetch(imap, list(long_headers), LONG_HEADER_ITEMS))
         for extra in _by_uid(answers, set(long_headers)).values():
             message = long_headers[extra.uid]
             message.header, message.body = extra.header, extra.body
@@ -142,9 +156,17 @@ def _uid_fetch(imap: Any, uids: list[int] | str, items: str) -> list[Any]:
     buffered file, at about a third of imaplib's cost per message (its reader matches
     several patterns, logs and files every line). Other untagged responses are filed
     where imaplib files them; BYE, an unexpected line or the end of the stream abort."""
+    return _read_answer(imap, _send_fetch(imap, uids, items))
+
+
+def _send_fetch(imap: Any, uids: list[int] | str, items: str) -> bytes:
     uid_set = uids if isinstance(uids, str) else ",".join(map(str, uids))
     imap._check_bye()
-    tag = imap._command("UID", "FETCH", uid_set, items)
+    return cast(bytes, imap._command("UID", "FETCH", uid_set, items))
+
+
+def _read_answer(imap: Any, tag: bytes) -> list[Any]:
+    """_uid_fetch's answer to the command sent with `tag`."""
     # FETCH responses that arrived unasked during an earlier command come first, as
     # imaplib hands them over with this answer
     data: list[Any] = imap.untagged_responses.pop("FETCH", [])

@@ -18,9 +18,7 @@ import queue
 import socket
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
@@ -41,8 +39,9 @@ from webapp.services.imapfetch import (
     Fetched,
     envelope,
     fetch_flags,
-    fetch_new,
     internal_date,
+    receive_new,
+    request_new,
     snippet_text,
     split_headers,
 )
@@ -55,7 +54,6 @@ LOCK_KEY = "mailkey:lock:sync:{}"
 SYNC_TIME_LIMIT = 1800  # the sync task's hard limit; a run older than this is stale
 LOCK_TTL = 60  # renewed every 20 s while the sync runs: a killed worker frees it within a minute
 SNIPPET_CHARS = 200
-READ_AHEAD = 2  # batches the reader thread may fetch ahead of the parsing thread
 COLUMNS = (
     "account_id", "folder_id", "uid", "message_id", "subject", "from_address",
     "to_addresses", "cc_addresses", "sent_at", "flags", "size", "snippet_encrypted", "modseq",
@@ -320,10 +318,11 @@ def _modseq(info: dict[bytes, Any]) -> int | None:
 def _fetch_new(
     account: MailAccount, client: IMAPClient, folder: MailFolder, run_id: int, counts: Counts
 ) -> None:
-    """Three stages overlap: a reader thread fetches the next batches while this one
-    turns the current batch into rows and a writer thread stores the previous one, so
-    the server, the database and this process work at the same time. The connection
-    is used by the reader alone until the last fetch has returned."""
+    """Three stages overlap: the server prepares the next batch while this thread
+    turns the current one into rows and a writer thread stores the previous ones, so
+    the server, the database and this process work at the same time. The reading is
+    done here too: a reader thread would wait for the interpreter lock after each of
+    its socket reads while this thread parses."""
     start = folder.highest_uid + 1
     uids = sorted(uid for uid in client.search(["UID", f"{start}:*"]) if uid >= start)
     if not uids:
@@ -333,33 +332,26 @@ def _fetch_new(
     batch_size = current_app.config["SYNC_BATCH_SIZE"]
     batches = [uids[index : index + batch_size] for index in range(0, len(uids), batch_size)]
     writer = _BatchWriter(db.engine, folder_id, run_id)
+    in_flight = False
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="sync-reader") as reader:
-            # The reader goes on to the next batch as soon as it has one, without waiting
-            # for this thread: the server is not left idle between two batches.
-            pending = deque(reader.submit(fetch_new, client, b) for b in batches[:READ_AHEAD])
-            try:
-                for index, batch in enumerate(batches):
-                    fetched = pending[0].result()  # a failed fetch raises here, after
-                    pending.popleft()  # the batches before it went to the writer
-                    if index + READ_AHEAD < len(batches):
-                        ahead = batches[index + READ_AHEAD]
-                        pending.append(reader.submit(fetch_new, client, ahead))
-                    fetched.sort(key=lambda m: m.uid)
-                    encrypt = field_encryptor(EncryptionKeys.PII)
-                    rows = [_message_row(account_id, folder_id, m, encrypt) for m in fetched]
-                    writer.put(rows, batch[-1])
-            except BaseException:
-                # The soft time limit, Ctrl-C or an error here or in a fetch: the fetches
-                # not started are dropped, one under way is cut short (a stalled server
-                # would hold the executor's join for the whole read timeout), so no thread
-                # is on the connection when it is logged out.
-                for future in pending:
-                    future.cancel()
-                if not all(future.done() for future in pending):
-                    with contextlib.suppress(OSError):
-                        client.socket().shutdown(socket.SHUT_RDWR)
-                raise
+        tag, in_flight = request_new(client, batches[0]), True
+        for index, batch in enumerate(batches):
+            fetched = receive_new(client, batch, tag)  # a failed fetch raises here, after
+            in_flight = False  # the batches before it went to the writer
+            if index + 1 < len(batches):
+                tag, in_flight = request_new(client, batches[index + 1]), True
+            fetched.sort(key=lambda m: m.uid)
+            encrypt = field_encryptor(EncryptionKeys.PII)
+            rows = [_message_row(account_id, folder_id, m, encrypt) for m in fetched]
+            writer.put(rows, batch[-1])
+    except BaseException:
+        if in_flight:
+            # The soft time limit, Ctrl-C or an error with a FETCH under way: its answer
+            # is abandoned (a stalled server would hold the logout for the whole read
+            # timeout), and the connection with it.
+            with contextlib.suppress(OSError):
+                client.socket().shutdown(socket.SHUT_RDWR)
+        raise
     finally:
         try:
             writer.close()
