@@ -236,3 +236,53 @@ def cpu_delta(before: dict[str, float], after: dict[str, float], least: float = 
     }
     busy = sorted(((s, n) for n, s in spent.items() if s >= least), reverse=True)
     return ", ".join(f"{name} {seconds:.2f}" for seconds, name in busy) or "none"
+
+
+@contextlib.contextmanager
+def celery_workers(
+    app: Any,
+    env: dict[str, str],
+    logdir: str,
+    count: int = 1,
+    pool: str = "prefork",
+    concurrency: int = 1,
+) -> Iterator[list[Any]]:
+    """`count` real `celery -A tasks worker` subprocesses with the bench app's environment
+    (so their app is built from the same database, Redis, keys and provider URLs), each in
+    its own session; yields them once they all answer a ping, stops them after."""
+    import os
+    import signal
+    import subprocess
+
+    workers = []
+    try:
+        for n in range(count):
+            log = open(Path(logdir) / f"worker{n}.log", "w")  # noqa: SIM115 - closed with the run
+            command = [str(ROOT / ".venv/bin/celery"), "-A", "tasks", "worker", f"--pool={pool}"]
+            command += ["-c", str(concurrency), "-n", f"bench{n}@%h", "--loglevel=WARNING"]
+            workers.append(
+                subprocess.Popen(
+                    command,
+                    env={**os.environ, **env},
+                    cwd=ROOT,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )  # fmt: skip
+            )
+        deadline = time.monotonic() + 90
+        while len(app.extensions["celery"].control.ping(timeout=1.0)) < count:
+            if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
+                log_text = (Path(logdir) / "worker0.log").read_text()
+                raise RuntimeError(f"workers did not start:\n{log_text}")
+        yield workers
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in workers:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what we started
+                proc.wait()

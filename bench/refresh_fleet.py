@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,7 +24,15 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from _common import ROOT, Timer, bench_app, local_provider, provider_env, table, verdict
+from _common import (
+    Timer,
+    bench_app,
+    celery_workers,
+    local_provider,
+    provider_env,
+    table,
+    verdict,
+)
 from sqlalchemy import func, select
 
 from tests.support.mailserver import group_pids
@@ -50,37 +56,6 @@ def create_due_tokens(provider: object, count: int) -> None:
         store_secrets(token, issued["access_token"], issued["refresh_token"])
         db.session.add(token)
     db.session.commit()
-
-
-def start_workers(env: dict[str, str], args: argparse.Namespace, logdir: str) -> list:
-    workers = []
-    for n in range(args.workers):
-        log = open(Path(logdir) / f"worker{n}.log", "w")  # noqa: SIM115 - closed with the run
-        command = [str(ROOT / ".venv/bin/celery"), "-A", "tasks", "worker", f"--pool={args.pool}"]
-        command += ["-c", str(args.concurrency), "-n", f"bench{n}@%h", "--loglevel=WARNING"]
-        workers.append(
-            subprocess.Popen(
-                command,
-                env={**os.environ, **env},
-                cwd=ROOT,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )  # fmt: skip
-        )
-    return workers
-
-
-def stop_workers(workers: list) -> None:
-    for proc in workers:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-    for proc in workers:
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: only what we started
-            proc.wait()
 
 
 def cpu_seconds(workers: list) -> float:
@@ -137,14 +112,7 @@ def main() -> int:
         with Timer() as seeding:
             create_due_tokens(provider, args.tokens)
         print(f"created {args.tokens:,} due tokens in {seeding.seconds:.1f} s")
-        workers = start_workers(env, args, logdir)
-        try:
-            celery = app.extensions["celery"]
-            deadline = time.monotonic() + 90
-            while len(celery.control.ping(timeout=1.0)) < args.workers:
-                if time.monotonic() > deadline or any(w.poll() is not None for w in workers):
-                    print("workers did not start:\n" + (Path(logdir) / "worker0.log").read_text())
-                    return 0
+        with celery_workers(app, env, logdir, args.workers, args.pool, args.concurrency) as workers:
             redis_client = redis_store.client
             memory_before = redis_client.info("memory")["used_memory"]
             cpu_before = cpu_seconds(workers)
@@ -171,8 +139,6 @@ def main() -> int:
             finished = db.session.scalar(select(func.max(TokenRefreshAttempt.finished_at)))
             memory_after = redis_client.info("memory")["used_memory"]
             worker_cpu = cpu_seconds(workers) - cpu_before
-        finally:
-            stop_workers(workers)
         repeated = db.session.scalar(
             select(func.count()).select_from(
                 select(TokenRefreshAttempt.token_id)
