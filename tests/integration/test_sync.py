@@ -3,11 +3,13 @@ local OAuth provider, on a real Celery worker."""
 
 from __future__ import annotations
 
+import signal
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from celery.exceptions import SoftTimeLimitExceeded
 
 from tests.conftest import PASSWORD, PASSWORD_USER, make_app
 from tests.integration.conftest import finished_runs as _finished_runs
@@ -265,18 +267,14 @@ def any_database(request):
     return request.getfixturevalue("app" if request.param == "postgresql" else "sqlite_app")
 
 
-def test_batch_writer_skips_rows_a_killed_run_already_stored(any_database):
-    """A batch that overlaps stored rows (a run killed between its commit and its ack)
-    skips them (PostgreSQL: its COPY is undone, then INSERT ... ON CONFLICT DO NOTHING),
-    counts only the new ones, and the folder's highest UID moves in the same
-    transaction."""
+def _writer_target() -> tuple[int, int, int]:
+    """(account id, folder id, run id) of a fresh account for a batch writer."""
     from webapp.models import MailFolder
-    from webapp.services.sync import COLUMNS, _BatchWriter
 
     account = MailAccount(
         organization_id=1,
         user_id=1,
-        email_address="w@example.com",
+        email_address=f"w{time.monotonic_ns()}@example.com",
         provider="custom",
         incoming_auth_method="password",
         incoming_server="imap.example.com",
@@ -288,36 +286,86 @@ def test_batch_writer_skips_rows_a_killed_run_already_stored(any_database):
     run = SyncRun(account_id=account.id, organization_id=1)
     db.session.add_all([folder, run])
     db.session.commit()
+    return account.id, folder.id, run.id
 
-    def row(uid: int) -> tuple:
-        values = {
-            "account_id": account.id,
-            "folder_id": folder.id,
-            "uid": uid,
-            "message_id": f"<{uid}@x>",
-            "subject": f"s{uid}",
-            "from_address": "a@x",
-            "to_addresses": '["b@x"]',
-            "cc_addresses": "[]",
-            "sent_at": utcnow(),
-            "flags": '["\\\\Seen"]',
-            "size": 10,
-            "snippet_encrypted": None,
-            "modseq": None,
-        }
-        return tuple(values[column] for column in COLUMNS)
 
-    writer = _BatchWriter(db.engine, folder.id, run.id)
-    writer.put([row(1), row(2)], 2)
-    writer.put([row(2), row(3)], 3)  # uid 2 again: as after a kill between commit and ack
+def _row(account_id: int, folder_id: int, uid: int) -> tuple:
+    from webapp.services.sync import COLUMNS
+
+    values = {
+        "account_id": account_id,
+        "folder_id": folder_id,
+        "uid": uid,
+        "message_id": f"<{uid}@x>",
+        "subject": f"s{uid}",
+        "from_address": "a@x",
+        "to_addresses": '["b@x"]',
+        "cc_addresses": "[]",
+        "sent_at": utcnow(),
+        "flags": '["\\\\Seen"]',
+        "size": 10,
+        "snippet_encrypted": None,
+        "modseq": None,
+    }
+    return tuple(values[column] for column in COLUMNS)
+
+
+def test_batch_writer_skips_rows_a_killed_run_already_stored(any_database):
+    """A batch that overlaps stored rows (a run killed between its commit and its ack)
+    skips them (PostgreSQL: its COPY is undone, then INSERT ... ON CONFLICT DO NOTHING),
+    counts only the new ones, and the folder's highest UID moves in the same
+    transaction."""
+    from webapp.models import MailFolder
+    from webapp.services.sync import _BatchWriter
+
+    account_id, folder_id, run_id = _writer_target()
+    writer = _BatchWriter(db.engine, folder_id, run_id)
+    writer.put([_row(account_id, folder_id, 1), _row(account_id, folder_id, 2)], 2)
+    # uid 2 again: as after a kill between commit and ack
+    writer.put([_row(account_id, folder_id, 2), _row(account_id, folder_id, 3)], 3)
     assert writer.close() == 3
     db.session.expire_all()
     stored = db.session.scalars(sa.select(MailMessage).order_by(MailMessage.uid)).all()
     assert [m.uid for m in stored] == [1, 2, 3]
     assert stored[0].to_addresses == ["b@x"] and stored[0].flags == ["\\Seen"]
-    stored_folder = db.session.get(MailFolder, folder.id)
+    stored_folder = db.session.get(MailFolder, folder_id)
     assert (stored_folder.highest_uid, stored_folder.message_count) == (3, 3)
-    assert db.session.get(SyncRun, run.id).new_count == 3
+    assert db.session.get(SyncRun, run_id).new_count == 3
+
+
+def test_a_writer_stopped_by_the_time_limit_writes_nothing_once_it_returns(app, monkeypatch):
+    """The soft time limit strikes while close() waits for queued batches: the batch being
+    stored is finished, the others are dropped, and the writer is done when close()
+    raises, so nothing is written after the run is closed."""
+    from webapp.services import sync as sync_service
+
+    account_id, folder_id, run_id = _writer_target()
+    insert = sync_service._insert
+
+    def slow_insert(connection, rows):
+        time.sleep(0.3)
+        return insert(connection, rows)
+
+    def soft_time_limit(*_args):
+        raise SoftTimeLimitExceeded("soft time limit exceeded")
+
+    monkeypatch.setattr(sync_service, "_insert", slow_insert)
+    writer = sync_service._BatchWriter(db.engine, folder_id, run_id)
+    for uid in range(1, 5):
+        writer.put([_row(account_id, folder_id, uid)], uid)
+    previous = signal.signal(signal.SIGALRM, soft_time_limit)
+    signal.setitimer(signal.ITIMER_REAL, 0.1)
+    try:
+        with pytest.raises(SoftTimeLimitExceeded):
+            writer.close()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert writer.done.is_set()
+    stored = db.session.scalar(sa.select(sa.func.count()).select_from(MailMessage))
+    assert stored == writer.inserted == 1
+    time.sleep(0.5)
+    assert db.session.scalar(sa.select(sa.func.count()).select_from(MailMessage)) == 1
 
 
 def test_provider_outage_during_the_token_refresh_is_retried(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -246,26 +247,27 @@ def test_a_killed_lock_holder_frees_the_lock_within_its_ttl(base_env, redis_url)
 
 
 def test_the_soft_time_limit_cuts_a_stalled_fetch_short(app, mail, imap_account, monkeypatch):
-    """The limit arrives while the sync waits on a server that sends nothing: the run
-    ends at once, not after the read timeout, and the abandoned FETCH does not hold the
-    logout for the read timeout either."""
+    """The limit arrives while the sync waits for a FETCH's answer: the run ends at once,
+    not after the read timeout, and the connection is cut there and then, so the logout
+    does not read the abandoned answer (or wait out the timeout for it)."""
     user, account = imap_account
     mail.imap.seed(user, "INBOX", 4)
     monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 2)
     monkeypatch.setitem(app.config, "MAIL_TIMEOUT_SECONDS", 20)
-    reader_done: list[object] = []
+    cut_by: list[str] = []
+    shutdown = ssl.SSLSocket.shutdown
+
+    def recording_shutdown(sock, how):
+        cut_by.append(sys._getframe(1).f_code.co_name)
+        return shutdown(sock, how)
 
     def stalled(client, _uids, _tag):
-        try:
-            reader_done.append(client._imap.sock.recv(1))  # no command sent: nothing comes
-        except OSError as exc:
-            reader_done.append(exc)
-        raise ConnectionError("the server went quiet")
+        time.sleep(20)  # the real FETCH was sent; its answer waits unread
 
     def soft_time_limit(*_args):
         raise SoftTimeLimitExceeded("soft time limit exceeded")
 
-    monkeypatch.setattr(sync_service, "request_new", lambda client, uids: b"X1")  # sends nothing
+    monkeypatch.setattr(ssl.SSLSocket, "shutdown", recording_shutdown)
     monkeypatch.setattr(sync_service, "receive_new", stalled)
     previous = signal.signal(signal.SIGALRM, soft_time_limit)
     signal.setitimer(signal.ITIMER_REAL, 0.5)
@@ -277,4 +279,23 @@ def test_the_soft_time_limit_cuts_a_stalled_fetch_short(app, mail, imap_account,
         signal.signal(signal.SIGALRM, previous)
     assert time.monotonic() - started < 5  # the read timeout is 20 s
     assert run.outcome == "failed" and "SoftTimeLimitExceeded" in (run.error or "")
-    assert reader_done == []  # the limit interrupted the read itself, in this thread
+    assert cut_by[0] == "_fetch_new"  # before the logout's own shutdown
+
+
+def test_a_failed_send_of_the_next_fetch_still_stores_the_batch_read_before_it(
+    app, mail, imap_account, monkeypatch
+):
+    user, account = imap_account
+    mail.imap.seed(user, "INBOX", 12)
+    monkeypatch.setitem(app.config, "SYNC_BATCH_SIZE", 5)
+
+    def reset() -> None:
+        raise ConnectionResetError("connection reset by peer")
+
+    restore = fail_at_batch(monkeypatch, 2, reset)
+    with pytest.raises(sync_service.TransientSyncError):
+        sync_service.sync_account(account.id)
+    restore()
+    assert _uids(_assert_consistent(account.id)) == sorted(mail.imap.fetch_uids(user, "INBOX"))[:5]
+    healed = sync_service.sync_account(account.id)
+    assert (healed.outcome, healed.new_count) == ("succeeded", 7), healed.error

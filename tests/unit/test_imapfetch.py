@@ -358,8 +358,8 @@ ANSWER_WITH_EVERYTHING = (
     b"* FLAGS (\\Answered \\Seen)\r\n"
     b'* 3 FETCH (UID 7 BODY[]<0> "quoted {5}" FLAGS ())\r\n'
     b"* NO [ALERT] mailbox nearly full\r\n"
-    b"* 4 FETCH (UID 8 BODY[]<0> NIL)\r\n"
-    b"TAG OK done\r\n"
+    b"* 4 FETCH (uid 9 body[]<0> NIL)\r\n"  # item names in lower case
+    b"TAG OK [HIGHESTMODSEQ 77] done\r\n"
 )  # fmt: skip
 
 
@@ -374,9 +374,9 @@ def test_fetch_reader_returns_and_files_exactly_what_imaplib_does():
     status, expected = theirs.uid("FETCH", "4:8", "(UID BODY.PEEK[]<0.8192>)")
     assert status == "OK" and data == expected
     assert ours.untagged_responses == theirs.untagged_responses
-    assert ours.untagged_responses["HIGHESTMODSEQ"] == [b"42"]
+    assert ours.untagged_responses["HIGHESTMODSEQ"] == [b"42", b"77"]
     assert ours.tagged_commands == theirs.tagged_commands == {}
-    assert len(_parse(data)) == 5
+    assert [m.uid for m in _parse(data)] == [12, 4, 6, 7, 9]
 
 
 @pytest.mark.parametrize(
@@ -391,7 +391,7 @@ def test_fetch_reader_returns_and_files_exactly_what_imaplib_does():
         (b"TAG BAD unknown item\r\n", imaplib.IMAP4.error, "BAD unknown item"),
     ],
 )
-def test_fetch_reader_fails_like_imaplib_on_a_broken_or_refused_answer(answer, error, message):
+def test_fetch_reader_aborts_on_a_broken_answer_and_raises_on_a_refused_one(answer, error, message):
     from webapp.services.imapfetch import _uid_fetch
 
     imap = _ScriptedIMAP([answer])

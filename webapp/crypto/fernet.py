@@ -39,7 +39,7 @@ _IV_BLOCK = _IV_LEN * 256
 class _IVPool(threading.local):
     """Random IVs drawn 256 at a time, one pool per thread.
 
-    os.urandom releases the GIL; under a sync's reader and writer threads each of 10,000
+    os.urandom releases the GIL; with a sync's other threads running, each of 10,000
     calls then waited ~50 µs to get it back, more than the encryption itself. The pool is
     emptied in a forked child (Celery prefork), so parent and child never share an IV.
     """

@@ -28,13 +28,14 @@ START = re.compile(rb"^\d+ \(")
 MAX_LINE = 1_000_000  # imaplib's limit on a response line
 UNTAGGED = imaplib.Untagged_response  # type: ignore[attr-defined]  # "* OK ...", "* BYE ..."
 RESPONSE_CODE = imaplib.Response_code  # type: ignore[attr-defined]  # "[HIGHESTMODSEQ 42]"
-ITEM = re.compile(
+ITEM = re.compile(  # item names are case-insensitive atoms (RFC 3501)
     rb"\b(?:UID (\d+)|RFC822\.SIZE (\d+)|FLAGS \(([^)]*)\)|MODSEQ \((\d+)\)"
-    rb'|INTERNALDATE "([^"]+)")'
+    rb'|INTERNALDATE "([^"]+)")',
+    re.IGNORECASE,
 )
-QUOTED_SECTION = re.compile(rb'\bBODY\[([^\]]*)\](?:<\d+>)? "((?:[^"\\]|\\.)*)"')
+QUOTED_SECTION = re.compile(rb'\bBODY\[([^\]]*)\](?:<\d+>)? "((?:[^"\\]|\\.)*)"', re.IGNORECASE)
 SECTION = re.compile(rb"\bBODY\[([^\]]*)\]", re.IGNORECASE)
-QUOTED = re.compile(rb'(INTERNALDATE )?"(?:[^"\\]|\\.)*"')
+QUOTED = re.compile(rb'(INTERNALDATE )?"(?:[^"\\]|\\.)*"', re.IGNORECASE)
 UNFOLD = re.compile(r"\r?\n[ \t]+")
 # a wanted field at the start of a line, with its continuation lines
 WANTED_FIELD = re.compile(
@@ -176,6 +177,8 @@ def _read_answer(imap: Any, tag: bytes) -> list[Any]:
         if line.startswith(done):
             del imap.tagged_commands[tag]
             status, _, text = line[len(done) : -2].partition(b" ")
+            if imap._match(RESPONSE_CODE, text):  # "OK [HIGHESTMODSEQ 9] ...", as imaplib
+                imap._append_untagged(imap.mo.group("type").decode("ascii"), imap.mo.group("data"))
             if status == b"OK":
                 return data
             message = f"{status.decode('ascii', 'replace')} {text.decode('utf-8', 'replace')}"
@@ -211,6 +214,8 @@ def _line(imap: Any, readline: Any) -> bytes:
         raise imap.abort("socket error: EOF")
     if len(line) > MAX_LINE or not line.endswith(b"\r\n"):
         raise imap.abort(f"socket error: unterminated line: {line[:200]!r}")
+    if imap.debug >= 4:  # on only when the imapclient.imaplib logger listens (mailconn)
+        imap._mesg(f"< {line!r}")
     return line
 
 
@@ -288,8 +293,12 @@ def _store(message: Fetched, section: bytes, data: bytes) -> None:
 def _meta(message: Fetched, text: bytes) -> None:
     """The items of a response's text, in one pass (ITEM's groups: 1 UID, 2 RFC822.SIZE,
     3 FLAGS, 4 MODSEQ, 5 INTERNALDATE)."""
+    seen = 0  # the first of an item in a text counts, as before a look-alike later on
     for match in ITEM.finditer(text):
         item = match.lastindex or 0  # one group always takes part
+        if seen & (bit := 1 << item):
+            continue
+        seen |= bit
         value = match[item]
         if item == 1:
             message.uid = int(value)

@@ -318,11 +318,12 @@ def _modseq(info: dict[bytes, Any]) -> int | None:
 def _fetch_new(
     account: MailAccount, client: IMAPClient, folder: MailFolder, run_id: int, counts: Counts
 ) -> None:
-    """Three stages overlap: the server prepares the next batch while this thread
-    turns the current one into rows and a writer thread stores the previous ones, so
-    the server, the database and this process work at the same time. The reading is
-    done here too: a reader thread would wait for the interpreter lock after each of
-    its socket reads while this thread parses."""
+    """Three stages overlap: once a batch's answer is read, the next batch's FETCH is
+    sent, and the server prepares it while this thread turns the batch into rows
+    (headers, snippet, encryption) and a writer thread stores the ones before, so the
+    server, the database and this process work at the same time. The answers are read
+    here too: a reader thread would wait for the interpreter lock after each of its
+    socket reads while this thread parses."""
     start = folder.highest_uid + 1
     uids = sorted(uid for uid in client.search(["UID", f"{start}:*"]) if uid >= start)
     if not uids:
@@ -332,18 +333,25 @@ def _fetch_new(
     batch_size = current_app.config["SYNC_BATCH_SIZE"]
     batches = [uids[index : index + batch_size] for index in range(0, len(uids), batch_size)]
     writer = _BatchWriter(db.engine, folder_id, run_id)
-    in_flight = False
+    in_flight = True  # set before each request: the limit may strike while it is sent
     try:
-        tag, in_flight = request_new(client, batches[0]), True
+        tag = request_new(client, batches[0])
         for index, batch in enumerate(batches):
             fetched = receive_new(client, batch, tag)  # a failed fetch raises here, after
             in_flight = False  # the batches before it went to the writer
+            unsent: Exception | None = None
             if index + 1 < len(batches):
-                tag, in_flight = request_new(client, batches[index + 1]), True
+                in_flight = True
+                try:
+                    tag = request_new(client, batches[index + 1])
+                except Exception as exc:  # the connection broke: this batch is stored first
+                    unsent = exc
             fetched.sort(key=lambda m: m.uid)
             encrypt = field_encryptor(EncryptionKeys.PII)
             rows = [_message_row(account_id, folder_id, m, encrypt) for m in fetched]
             writer.put(rows, batch[-1])
+            if unsent is not None:
+                raise unsent
     except BaseException:
         if in_flight:
             # The soft time limit, Ctrl-C or an error with a FETCH under way: its answer
@@ -370,6 +378,8 @@ class _BatchWriter:
         self.batches: queue.Queue[tuple[list[Row], int] | None] = queue.Queue(8)
         self.inserted = 0
         self.error: BaseException | None = None
+        self.dropping = False
+        self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sync-writer", daemon=True)
         self.thread.start()
 
@@ -379,15 +389,32 @@ class _BatchWriter:
         self.batches.put((rows, highest_uid))
 
     def close(self) -> int:
-        self.batches.put(None)
-        self.thread.join()
+        """Wait until the batches handed over are stored. Interrupted (the soft time
+        limit): drop those not started, and still wait for the one being stored, so
+        that nothing is written once the run is closed."""
+        try:
+            self.batches.put(None)
+            self.done.wait()
+        except BaseException:
+            # (not Thread.join: on Python 3.11 an interrupted join marks the thread as
+            # stopped, and a second join returns while it still runs)
+            self.dropping = True
+            self.batches.put(None)  # quickly taken now, should the first one be lost
+            self.done.wait()
+            raise
         if self.error is not None:
             raise self.error
         return self.inserted
 
     def _run(self) -> None:
+        try:
+            self._store_batches()
+        finally:
+            self.done.set()
+
+    def _store_batches(self) -> None:
         while (item := self.batches.get()) is not None:
-            if self.error is not None:
+            if self.error is not None or self.dropping:
                 continue  # drain; the caller raises the first error
             rows, highest_uid = item
             try:
