@@ -401,3 +401,32 @@ def test_fetch_reader_aborts_on_a_broken_answer_and_raises_on_a_refused_one(answ
         assert not isinstance(raised.value, imaplib.IMAP4.abort)
         assert imap.tagged_commands == {}
     assert is_transient(raised.value) == (error is not imaplib.IMAP4.error)
+
+
+def test_snippet_of_a_multipart_message_with_bare_line_feeds():
+    """A maildir server may hand out messages as stored, with LF line ends."""
+    headers = split_headers(b'Content-Type: multipart/alternative; boundary="b1"\n')
+    body = (
+        b"This is a multi-part message.\n--b1\nContent-Type: text/plain; charset=utf-8\n\n"
+        b"Hello there,\nsee you.\n--b1\nContent-Type: text/html\n\n<p>x</p>\n--b1--\n"
+    )
+    assert snippet_text(headers, body) == "Hello there, see you."
+
+
+def test_a_long_header_message_expunged_before_its_header_is_fetched_again_has_no_snippet():
+    """The re-fetch of a long header answers nothing for a message expunged meanwhile: its
+    prefix is header text, which must not become its snippet."""
+    from webapp.services.imapfetch import fetch_new
+
+    long_header_prefix = b"Subject: long\r\nReceived: " + b"x" * 100
+    imap = _ScriptedIMAP(
+        [
+            b"* 1 FETCH (UID 5 FLAGS () RFC822.SIZE 9000 BODY[]<0> "
+            + _literal(long_header_prefix)
+            + b")\r\nTAG OK done\r\n",
+            b"* 1 EXPUNGE\r\nTAG OK done\r\n",
+        ]
+    )
+    (gone,) = fetch_new(_FakeClient(imap), [5])
+    assert (gone.uid, gone.header, gone.body) == (5, b"", b"")
+    assert snippet_text(split_headers(gone.header), gone.body) == ""

@@ -108,9 +108,10 @@ def receive_new(client: IMAPClient, uids: list[int], tag: bytes) -> list[Fetched
     long_headers = {uid: m for uid, m in messages.items() if not m.header}
     if long_headers:  # or no body at all: the prefix is header text, not a body
         answers = _parse(_uid_fetch(imap, list(long_headers), LONG_HEADER_ITEMS))
-        for extra in _by_uid(answers, set(long_headers)).values():
-            message = long_headers[extra.uid]
-            message.header, message.body = extra.header, extra.body
+        answered = _by_uid(answers, set(long_headers))
+        for uid, message in long_headers.items():
+            extra = answered.get(uid)  # none: expunged in between, gone at the next sync
+            message.header, message.body = (extra.header, extra.body) if extra else (b"", b"")
     return list(messages.values())
 
 
@@ -441,7 +442,10 @@ def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -
         parts = body.split(marker)
         if len(parts) < 2:
             return ""
-        head, _sep, body = parts[1].lstrip(b"\r\n").partition(b"\r\n\r\n")
+        part = parts[1].lstrip(b"\r\n")
+        head, separator, body = part.partition(b"\r\n\r\n")
+        if not separator:  # bare LF line ends, as a maildir server may keep them
+            head, separator, body = part.partition(b"\n\n")
         headers = split_headers(head + b"\r\n")
         content_type = _first(headers, "content-type") or ""
     encoding = (_first(headers, "content-transfer-encoding") or "").strip().lower()
