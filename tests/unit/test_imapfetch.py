@@ -16,6 +16,8 @@ from webapp.services.imapfetch import (
     _parse,
     envelope,
     internal_date,
+    receive_new,
+    request_new,
     snippet_text,
     split_headers,
 )
@@ -154,13 +156,16 @@ class _FakeClient:
         self._imap = imap
 
 
+def fetch_new(client, uids):
+    """What the sync does for a batch: send the FETCH, then read and complete it."""
+    return receive_new(client, uids, request_new(client, uids))
+
+
 def _literal(data):
     return b"{%d}\r\n%s" % (len(data), data)
 
 
 def test_fetch_new_refetches_header_fields_when_the_header_is_longer_than_the_prefix():
-    from webapp.services.imapfetch import fetch_new
-
     long_header_prefix = b"Received: " + b"x" * 100  # no blank line within the prefix
     imap = _ScriptedIMAP(
         [
@@ -205,8 +210,6 @@ def test_parse_files_each_literal_under_its_own_section_in_any_order():
 def test_fetch_new_merges_unsolicited_fetch_responses_and_drops_other_messages():
     """Another session set \\Flagged on UID 6 and touched UID 99 while this FETCH ran:
     with CONDSTORE the server slips those in as FETCH responses carrying a UID."""
-    from webapp.services.imapfetch import fetch_new
-
     imap = _ScriptedIMAP(
         [
             b"* 1 FETCH (UID 5 FLAGS () RFC822.SIZE 30 BODY[]<0> "
@@ -416,8 +419,6 @@ def test_snippet_of_a_multipart_message_with_bare_line_feeds():
 def test_a_long_header_message_expunged_before_its_header_is_fetched_again_has_no_snippet():
     """The re-fetch of a long header answers nothing for a message expunged meanwhile: its
     prefix is header text, which must not become its snippet."""
-    from webapp.services.imapfetch import fetch_new
-
     long_header_prefix = b"Subject: long\r\nReceived: " + b"x" * 100
     imap = _ScriptedIMAP(
         [

@@ -87,22 +87,18 @@ LONG_HEADER_ITEMS = (
 )
 
 
-def fetch_new(client: IMAPClient, uids: list[int]) -> list[Fetched]:
-    """UID FETCH of flags, size and the first PREFIX_BYTES of each raw message (the
-    server reads those without parsing MIME); headers longer than that are fetched
-    again as header fields."""
-    return receive_new(client, uids, request_new(client, uids))
-
-
 def request_new(client: IMAPClient, uids: list[int]) -> bytes:
-    """Send fetch_new's UID FETCH and return its tag; `receive_new` reads the answer,
-    which the server prepares meanwhile. One command at a time is in flight: untagged
-    answers cannot be told apart, so nothing else may be sent before it is read."""
+    """Send the UID FETCH of flags, size and the first PREFIX_BYTES of each raw message
+    (the server reads those without parsing MIME) and return its tag; `receive_new`
+    reads the answer, which the server prepares meanwhile. One command at a time is in
+    flight: untagged answers cannot be told apart, so nothing else may be sent before
+    it is read."""
     return _send_fetch(client._imap, uids, NEW_ITEMS)  # noqa: SLF001 - see the module doc
 
 
 def receive_new(client: IMAPClient, uids: list[int], tag: bytes) -> list[Fetched]:
-    """The messages of `request_new`'s answer, long headers fetched again first."""
+    """The messages of `request_new`'s answer; headers longer than the prefix are
+    fetched again as header fields first."""
     imap = client._imap  # noqa: SLF001
     messages = _by_uid(_parse(_read_answer(imap, tag)), set(uids))
     long_headers = {uid: m for uid, m in messages.items() if not m.header}
@@ -178,8 +174,7 @@ def _read_answer(imap: Any, tag: bytes) -> list[Any]:
         if line.startswith(done):
             del imap.tagged_commands[tag]
             status, _, text = line[len(done) : -2].partition(b" ")
-            if imap._match(RESPONSE_CODE, text):  # "OK [HIGHESTMODSEQ 9] ...", as imaplib
-                imap._append_untagged(imap.mo.group("type").decode("ascii"), imap.mo.group("data"))
+            _file_response_code(imap, text)
             if status == b"OK":
                 return data
             message = f"{status.decode('ascii', 'replace')} {text.decode('utf-8', 'replace')}"
@@ -206,7 +201,7 @@ def _read_answer(imap: Any, tag: bytes) -> list[Any]:
             parts[0] = (head, parts[0][1]) if isinstance(parts[0], tuple) else head
             data.extend(parts)
         else:
-            _file_untagged(imap, parts)
+            _file_untagged(imap, text, parts)
 
 
 def _line(imap: Any, readline: Any) -> bytes:
@@ -227,10 +222,10 @@ def _literal_size(line: bytes) -> int | None:
     return int(size) if opening >= 0 and size.isdigit() else None
 
 
-def _file_untagged(imap: Any, parts: list[Any]) -> None:
+def _file_untagged(imap: Any, first: bytes, parts: list[Any]) -> None:
     """File an untagged response other than FETCH (EXISTS, EXPUNGE, OK [...], BYE) where
-    and as imaplib's own reader files it; a BYE aborts, as imaplib's check for it does."""
-    first = parts[0][0] if isinstance(parts[0], tuple) else parts[0]
+    and as imaplib's own reader files it; a BYE aborts, as imaplib's check for it does.
+    `first` is the text of its first part."""
     if imap._match(UNTAGGED, first):
         head = imap.mo.group("data") or b""
     elif imap._match(imap.Untagged_status, first):
@@ -244,10 +239,16 @@ def _file_untagged(imap: Any, parts: list[Any]) -> None:
         text = head if index == 0 else text
         imap._append_untagged(typ, text if literal is None else (text, literal))
     last = head if len(parts) == 1 else parts[-1]
-    if typ in ("OK", "NO", "BAD") and imap._match(RESPONSE_CODE, last):
-        imap._append_untagged(imap.mo.group("type").decode("ascii"), imap.mo.group("data"))
+    if typ in ("OK", "NO", "BAD"):
+        _file_response_code(imap, last)
     if typ == "BYE":
         raise imap.abort(f"server said BYE: {last[:200]!r}")
+
+
+def _file_response_code(imap: Any, text: bytes) -> None:
+    """A status's response code ("OK [HIGHESTMODSEQ 9] ..."), filed as imaplib files it."""
+    if imap._match(RESPONSE_CODE, text):
+        imap._append_untagged(imap.mo.group("type").decode("ascii"), imap.mo.group("data"))
 
 
 def _parse(data: list[tuple[bytes, bytes] | bytes | None]) -> list[Fetched]:
@@ -282,13 +283,20 @@ def _store(message: Fetched, section: bytes, data: bytes) -> None:
     elif name.startswith(b"HEADER"):
         message.header = data
     else:  # BODY[]<0.N>: the start of the raw message, header and body
-        head, separator, body = data.partition(b"\r\n\r\n")
-        if not separator:
-            head, separator, body = data.partition(b"\n\n")
+        head, separator, body = _split_head(data)
         if separator:
             message.header, message.body = head + b"\r\n", body
         else:  # a header longer than the prefix, or one with no body after it
             message.header, message.body = b"", data
+
+
+def _split_head(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """(header, blank line, body) of a message or MIME part; bare LF line ends too, as a
+    maildir server may hand messages out as it stores them. No blank line: (data, "", "")."""
+    head, separator, body = data.partition(b"\r\n\r\n")
+    if not separator:
+        head, separator, body = data.partition(b"\n\n")
+    return head, separator, body
 
 
 def _meta(message: Fetched, text: bytes) -> None:
@@ -442,10 +450,7 @@ def snippet_text(headers: dict[str, list[str]], body: bytes, limit: int = 200) -
         parts = body.split(marker)
         if len(parts) < 2:
             return ""
-        part = parts[1].lstrip(b"\r\n")
-        head, separator, body = part.partition(b"\r\n\r\n")
-        if not separator:  # bare LF line ends, as a maildir server may keep them
-            head, separator, body = part.partition(b"\n\n")
+        head, _separator, body = _split_head(parts[1].lstrip(b"\r\n"))
         headers = split_headers(head + b"\r\n")
         content_type = _first(headers, "content-type") or ""
     encoding = (_first(headers, "content-transfer-encoding") or "").strip().lower()
