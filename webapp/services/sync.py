@@ -332,6 +332,7 @@ def _fetch_new(
     db.session.commit()  # the writer's own connection must see the folder row
     batch_size = current_app.config["SYNC_BATCH_SIZE"]
     batches = [uids[index : index + batch_size] for index in range(0, len(uids), batch_size)]
+    encrypt = field_encryptor(EncryptionKeys.PII)
     writer = _BatchWriter(db.engine, folder_id, run_id)
     in_flight = True  # set before each request: the limit may strike while it is sent
     try:
@@ -347,7 +348,6 @@ def _fetch_new(
                 except Exception as exc:  # the connection broke: this batch is stored first
                     unsent = exc
             fetched.sort(key=lambda m: m.uid)
-            encrypt = field_encryptor(EncryptionKeys.PII)
             rows = [_message_row(account_id, folder_id, m, encrypt) for m in fetched]
             writer.put(rows, batch[-1])
             if unsent is not None:
