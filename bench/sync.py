@@ -155,6 +155,13 @@ def floor_sync(
     return t.seconds, count
 
 
+def forget_folders(account_id: int) -> None:
+    """Delete the account's folders (their messages go with them): the next sync is an
+    initial one again."""
+    db.session.execute(delete(MailFolder).where(MailFolder.account_id == account_id))
+    db.session.commit()
+
+
 def worker_syncs(app: Any, env: dict[str, str], account_id: int, repeats: int) -> list[float]:
     """(b'): the initial sync as the product runs it, queued with delay() to a real
     `celery -A tasks worker` (prefork, one child), timed until its result is back."""
@@ -164,8 +171,7 @@ def worker_syncs(app: Any, env: dict[str, str], account_id: int, repeats: int) -
     ):
         seconds = []
         for _ in range(repeats):
-            db.session.execute(delete(MailFolder).where(MailFolder.account_id == account_id))
-            db.session.commit()
+            forget_folders(account_id)
             with Timer() as t:
                 result = sync_account.delay(account_id).get(timeout=300)
             assert result["outcome"] == "succeeded", result
@@ -232,10 +238,7 @@ def main() -> int:
                 bare.append(t.seconds)
                 cpu["bare"][t.seconds] = cpu_delta(before, cpu_by_program())
                 if repeat:  # start from an empty mailbox again
-                    db.session.execute(
-                        delete(MailFolder).where(MailFolder.account_id == account_id)
-                    )
-                    db.session.commit()
+                    forget_folders(account_id)
                 before = cpu_by_program()
                 syncs.append(timed_sync(account_id))
                 cpu["sync"][syncs[-1][0]] = cpu_delta(before, cpu_by_program())
@@ -317,8 +320,7 @@ def profile_syncs(account_id: int) -> None:
     ]
     for label in ("initial", "no-change"):
         if label == "initial":
-            db.session.execute(delete(MailFolder).where(MailFolder.account_id == account_id))
-            db.session.commit()
+            forget_folders(account_id)
         with phase_timers(targets) as totals:
             seconds, _ = timed_sync(account_id)
         print(f"\nphases of the {label} sync ({seconds:.2f} s in all):")
@@ -326,8 +328,7 @@ def profile_syncs(account_id: int) -> None:
             [name, int(calls), spent, cpu] for name, (calls, spent, cpu) in totals.items() if calls
         ]
         table(["phase", "calls", "seconds", "CPU s"], rows)
-    db.session.execute(delete(MailFolder).where(MailFolder.account_id == account_id))
-    db.session.commit()
+    forget_folders(account_id)
     profile = cProfile.Profile()
     seconds, _ = profile.runcall(timed_sync, account_id)
     print(f"\ncProfile of the initial sync ({seconds:.2f} s under the profiler), own time:")
