@@ -203,26 +203,29 @@ def phase_timers(targets: Sequence[tuple[Any, str, str]]) -> Iterator[dict[str, 
             setattr(owner, name, original)
 
 
+def proc_stat(pid: int | str) -> tuple[str, list[str]] | None:
+    """(name, the fields after it) of /proc/PID/stat; None once the process is gone.
+    After the name: [11] utime, [12] stime, [13] cutime, [14] cstime, in clock ticks."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+
+
 def cpu_by_program() -> dict[str, float]:
     """CPU seconds (user + system, plus reaped children's) used so far by each program on
-    this machine, summed by name (/proc/PID/stat's comm). A process that exits is counted
-    by its parent once reaped (a Dovecot imap process at logout, for instance). Take two
-    readings and subtract them with `cpu_delta`."""
+    this machine, summed by name. A process that exits is counted by its parent once
+    reaped (a Dovecot imap process at logout, for instance). Take two readings and
+    subtract them with `cpu_delta`."""
     import os
 
     tick = os.sysconf("SC_CLK_TCK")
     totals: dict[str, float] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # exited in between
-        name = stat[stat.index("(") + 1 : stat.rindex(")")]
-        fields = stat[stat.rindex(")") + 2 :].split()
-        used = sum(int(value) for value in fields[11:15]) / tick  # utime stime cutime cstime
-        totals[name] = totals.get(name, 0.0) + used
+        if entry.name.isdigit() and (stat := proc_stat(entry.name)) is not None:
+            name, fields = stat
+            totals[name] = totals.get(name, 0.0) + sum(map(int, fields[11:15])) / tick
     return totals
 
 

@@ -15,20 +15,19 @@ Target: >= 100 tokens/s.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 from _common import (
     Timer,
     bench_app,
     celery_workers,
     local_provider,
+    proc_stat,
     provider_env,
     table,
     verdict,
@@ -63,9 +62,8 @@ def cpu_seconds(workers: list) -> float:
     total = 0
     for proc in workers:
         for pid in group_pids(proc.pid):
-            with contextlib.suppress(OSError):
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += int(fields[11]) + int(fields[12])  # utime, stime
+            if (stat := proc_stat(pid)) is not None:
+                total += int(stat[1][11]) + int(stat[1][12])  # utime, stime
     return total / os.sysconf("SC_CLK_TCK")
 
 

@@ -146,7 +146,8 @@ def ensure_dev_secrets(instance_path: Path) -> dict[str, str]:
 
 MODES = ("development", "production", "test")
 LOG_FORMATS = ("text", "json")
-# What requests itself reads from the environment for the calls to providers.
+# What requests itself reads from the environment for the calls to providers (the CA
+# bundles in its order of precedence).
 REQUESTS_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE")
 
 

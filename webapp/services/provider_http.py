@@ -20,7 +20,7 @@ from urllib.parse import parse_qsl, quote
 import requests
 from flask import current_app, has_app_context
 
-from webapp.config import is_proxy_variable
+from webapp.config import REQUESTS_VARS, is_proxy_variable
 from webapp.providers import Provider
 
 log = logging.getLogger("mailkey.provider")
@@ -228,5 +228,5 @@ def new_session(environ: Mapping[str, str]) -> requests.Session:
     session.cookies.set_policy(DefaultCookiePolicy(allowed_domains=[]))
     if not any(is_proxy_variable(key) and value for key, value in environ.items()):
         session.trust_env = False  # also skips ~/.netrc: no credentials from elsewhere
-        session.verify = environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or True
+        session.verify = next((environ[v] for v in REQUESTS_VARS if environ.get(v)), True)
     return session
