@@ -54,12 +54,14 @@ def register_logging(app: Flask) -> None:
 def register_extensions(app: Flask) -> None:
     from webapp.api import api, api_config
     from webapp.crypto import Keyring, init_keyring
-    from webapp.extensions import db, migrate, redis_store
+    from webapp.extensions import db, migrate, ping_when_idle, redis_store
     from webapp.metrics import init_metrics
     from webapp.worker import celery_init_app
 
     init_keyring(Keyring.from_settings(app.config["ENCRYPTION"]))
     db.init_app(app)
+    with app.app_context():
+        ping_when_idle(db.engine)
     migrate.init_app(app, db, directory=str(Path(__file__).parent.parent / "migrations"))
     redis_store.init_app(app)
     for key, value in api_config().items():

@@ -371,4 +371,5 @@ def _load_providers(r: _Reader, production: bool) -> dict[str, Provider]:
 def engine_options(url: str) -> dict[str, Any]:
     if url.startswith("sqlite"):
         return {"connect_args": {"timeout": 30, "check_same_thread": False}}
-    return {"pool_pre_ping": True, "pool_size": 5, "max_overflow": 10}
+    # Connections are pinged on checkout after idling (webapp/extensions.py), not always.
+    return {"pool_size": 5, "max_overflow": 10}

@@ -14,7 +14,7 @@ from flask import Flask, current_app
 from flask_migrate import Migrate
 from flask_sqlalchemy import SQLAlchemy
 from redis.exceptions import LockError
-from sqlalchemy import event
+from sqlalchemy import event, exc
 from sqlalchemy.engine import Engine
 
 from webapp.models.base import Base
@@ -104,3 +104,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+
+
+# A pooled connection is pinged before use unless it was returned less than this long
+# ago (HikariCP's aliveBypassWindowMs, 500 ms by default, for the same reason): under
+# load every checkout would otherwise pay a round trip for a connection that just
+# worked. A server restart within the window costs one failed statement per process,
+# after which SQLAlchemy replaces the pool's connections.
+PING_AFTER_IDLE_SECONDS = 0.5
+
+
+def ping_when_idle(engine: Engine) -> None:
+    """pool_pre_ping, skipped for a connection returned within PING_AFTER_IDLE_SECONDS.
+    A dead connection invalidates the pool and the checkout is retried on a new one."""
+    dialect = engine.dialect
+
+    def returned(_dbapi_connection: Any, record: Any) -> None:
+        if record is not None:
+            record.info["returned_at"] = time.monotonic()
+
+    def checked_out(dbapi_connection: Any, record: Any, _proxy: Any) -> None:
+        returned_at = record.info.get("returned_at")
+        if returned_at is None or time.monotonic() - returned_at < PING_AFTER_IDLE_SECONDS:
+            return  # new, or just used
+        try:
+            dialect.do_ping(dbapi_connection)
+        except dialect.loaded_dbapi.Error as err:
+            if dialect.is_disconnect(err, dbapi_connection, None):
+                raise exc.InvalidatePoolError() from err
+            raise
+
+    event.listen(engine, "checkin", returned)
+    event.listen(engine, "checkout", checked_out)

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import cached_property
 from typing import Any, cast
 
 import requests
 from flask import current_app
-from sqlalchemy import Table, bindparam, insert, select, update
+from sqlalchemy import Connection, Row, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import selectinload
 
 from webapp.crypto import DecryptionError, aad_for, decrypt_aes_gcm, encrypt_aes_gcm
@@ -43,10 +46,50 @@ ACCESS_COLUMN = "access_token_encrypted"
 REFRESH_COLUMN = "refresh_token_encrypted"
 MIN_VALIDITY = timedelta(minutes=5)
 MAX_EXPIRES_IN = 366 * 24 * 3600
-# Built once for the refresh hot path: plain Core, no ORM flush and no RETURNING.
+# Built once for the refresh hot path: plain Core, no ORM load or flush, no RETURNING.
 _TOKENS = cast(Table, UserEmailToken.__table__)
-_INSERT_ATTEMPT = insert(cast(Table, TokenRefreshAttempt.__table__)).inline()
-_UPDATE_TOKEN = update(_TOKENS).where(_TOKENS.c.id == bindparam("row_id"))
+_ATTEMPTS = cast(Table, TokenRefreshAttempt.__table__)
+_SELECT_TOKEN = select(_TOKENS).where(_TOKENS.c.id == bindparam("row_id"))
+_INSERT_ATTEMPT = insert(_ATTEMPTS).inline()
+# What a successful refresh writes; a None refresh token or scope keeps the stored one.
+_REFRESHED_COLUMNS = (ACCESS_COLUMN, REFRESH_COLUMN, "expires_at", "token_type", "scopes")
+_KEPT_WHEN_NONE = (REFRESH_COLUMN, "scopes")
+
+
+def _new(name: str) -> Any:
+    value = bindparam(f"new_{name}", type_=_TOKENS.c[name].type)
+    return func.coalesce(value, _TOKENS.c[name]) if name in _KEPT_WHEN_NONE else value
+
+
+_STORE_TOKEN = (
+    update(_TOKENS)
+    .where(_TOKENS.c.id == bindparam("row_id"))
+    .values(
+        {
+            **{name: _new(name) for name in _REFRESHED_COLUMNS},
+            # updated_at is set here: SQLAlchemy leaves an UPDATE's Python-side onupdate
+            # unset when the statement carries a data-modifying WITH.
+            "last_refreshed_at": bindparam("new_refreshed_at", type_=_TOKENS.c.expires_at.type),
+            "updated_at": bindparam("new_refreshed_at", type_=_TOKENS.c.expires_at.type),
+            "refresh_failure_count": 0,
+            "last_refresh_error": None,
+            "status_reason": None,
+        }
+    )
+)
+# PostgreSQL: the attempt row rides along in a data-modifying WITH, so the success path's
+# write is one statement, one round trip and one commit.
+_STORE_SUCCESS = _STORE_TOKEN.add_cte(
+    insert(_ATTEMPTS)
+    .values(
+        {
+            name: bindparam(f"attempt_{name}", type_=column.type)
+            for name, column in _ATTEMPTS.c.items()
+            if name != "id"
+        }
+    )
+    .cte("attempt")
+)
 
 
 def provider_for(name: str) -> Provider:
@@ -178,8 +221,35 @@ def _unusable_ciphertext(token: UserEmailToken) -> NeedsReauth:
 
 @dataclass
 class RefreshResult:
-    token: UserEmailToken
-    refreshed: bool  # False: someone else refreshed it while we waited
+    token_id: int
+    refreshed: bool  # False: skipped (not due, or someone else refreshed it meanwhile)
+
+    @cached_property
+    def token(self) -> UserEmailToken:
+        """The row as stored now, loaded on first use (the task and the CLI never ask)."""
+        token = db.session.get(UserEmailToken, self.token_id, populate_existing=True)
+        if token is None:
+            raise NotFound("no such token")
+        return token
+
+
+@dataclass
+class _Attempt:
+    """One refresh attempt, from the stored row to what the provider answered."""
+
+    row: Row[Any]  # the token row read under the lock (attributes as on the ORM object)
+    provider: Provider
+    trigger: str
+    unusable: str | None = None  # nothing was sent: decryption_failed or no_refresh_token
+    refresh_secret: str = ""
+    failure: ProviderFailure | None = None
+    changes: dict[str, Any] = field(default_factory=dict)  # the token row's new values
+    record: dict[str, Any] = field(default_factory=dict)  # its token_refresh_attempts row
+    elapsed: float = 0.0
+
+    @property
+    def succeeded(self) -> bool:
+        return self.unusable is None and self.failure is None
 
 
 def _token_lock(token_id: int) -> Any:
@@ -192,6 +262,17 @@ def _busy() -> ProviderUnavailable:
     return ProviderUnavailable(
         "another refresh of this token is still running", headers={"Retry-After": "5"}
     )
+
+
+@contextmanager
+def _own_connection() -> Iterator[Connection]:
+    """A pooled connection outside the session for the refresh's read and write. On
+    PostgreSQL each statement commits on its own: no BEGIN round trip, and no transaction
+    held open while the provider answers."""
+    with db.engine.connect() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execution_options(isolation_level="AUTOCOMMIT")
+        yield conn
 
 
 def refresh_token(
@@ -208,6 +289,10 @@ def refresh_token(
     forced or not: a task redelivered after its worker died, or retried after someone
     else refreshed the token, passes the time it was first queued and skips.
 
+    The success path, the one that runs all day, costs four round trips besides the
+    provider's: the lock, the row, one statement writing the new tokens and the attempt
+    together, the unlock. Failures are written through the ORM session.
+
     Raises NeedsReauth / TokenRevoked (409), ProviderConfigError (502) or
     ProviderUnavailable (503, with the provider's Retry-After).
     """
@@ -215,21 +300,29 @@ def refresh_token(
     with _token_lock(token_id) as acquired:
         if not acquired:
             raise _busy()
-        db.session.expire_all()
-        token = db.session.get(UserEmailToken, token_id, populate_existing=True)
-        if token is None:
-            raise NotFound("no such token")
-        ensure_usable(token)
-        if token.last_refreshed_at and token.last_refreshed_at >= requested_at:
-            return RefreshResult(token, refreshed=False)
-        if not force and token.expires_at and token.expires_at - utcnow() > ahead:
-            return RefreshResult(token, refreshed=False)
-        refreshed_token, refreshed = _refresh_locked(token, trigger)
-        return RefreshResult(refreshed_token, refreshed=refreshed)
+        with _own_connection() as conn:
+            row = conn.execute(_SELECT_TOKEN, {"row_id": token_id}).one_or_none()
+            if row is None:
+                raise NotFound("no such token")
+            ensure_usable(row)
+            if row.last_refreshed_at and row.last_refreshed_at >= requested_at:
+                return RefreshResult(token_id, refreshed=False)
+            if not force and row.expires_at and row.expires_at - utcnow() > ahead:
+                return RefreshResult(token_id, refreshed=False)
+            attempt = _call_provider(row, trigger)
+            if attempt.succeeded:
+                _store_success(conn, attempt)
+        if attempt.succeeded:
+            _report(attempt, "success", None)
+            return RefreshResult(token_id, refreshed=True)
+        # Still under the lock, with the connection back in the pool.
+        return _store_failure(attempt)
 
 
-def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken, bool]:
-    provider = provider_for(token.provider)
+def _call_provider(row: Row[Any], trigger: str) -> _Attempt:
+    """Send the stored refresh token to the provider; nothing is written here."""
+    provider = provider_for(row.provider)
+    attempt = _Attempt(row, provider, trigger)
     if not provider.configured:
         # Never send a user's refresh token to a provider without Mailkey's client id;
         # the token is left as it is and nothing is counted against it.
@@ -237,8 +330,8 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
             "provider_not_configured",
             extra={
                 "event": "provider_not_configured",
-                "token_id": token.id,
-                "provider": provider.name,
+                "token_id": row.id,
+                "provider": row.provider,
             },
         )
         raise ProviderConfigError(
@@ -246,119 +339,136 @@ def _refresh_locked(token: UserEmailToken, trigger: str) -> tuple[UserEmailToken
             reason="provider_not_configured",
         )
     try:
-        refresh_secret = read_refresh_token(token)
+        refresh_secret = read_refresh_token(row)
     except DecryptionError:
-        raise _unusable_ciphertext(token) from None
+        attempt.unusable = "decryption_failed"
+        return attempt
     if refresh_secret is None:
-        expired = token.expires_at is not None and token.expires_at <= utcnow()
-        if expired:
-            mark_needs_reauth(token, "no_refresh_token")
-            db.session.commit()
-        raise NeedsReauth(
-            "the provider issued no refresh token; the mailbox must be reconnected",
-            reason="no_refresh_token",
-        )
-
-    sent_ciphertext = token.refresh_token_encrypted
+        attempt.unusable = "no_refresh_token"
+        return attempt
+    attempt.refresh_secret = refresh_secret
     started_at = utcnow()
     clock = time.perf_counter()
-    failure: ProviderFailure | None = None
-    stale = False
     answer: dict[str, Any] = {}
     try:
         grant = {"grant_type": "refresh_token", "refresh_token": refresh_secret}
         if provider.refresh_with_scope:
             grant["scope"] = " ".join(provider.scopes)
         answer = token_request(
-            provider,
-            grant,
-            timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"],
+            provider, grant, timeout=current_app.config["PROVIDER_TIMEOUT_SECONDS"]
         )
     except ProviderFailure as exc:
-        failure = exc
+        attempt.failure = exc
     finished_at = utcnow()
-    elapsed = time.perf_counter() - clock
-    attempt: dict[str, Any] = {
-        "token_id": token.id,
-        "organization_id": token.organization_id,
-        "provider": token.provider,
+    attempt.elapsed = time.perf_counter() - clock
+    attempt.record = {
+        "token_id": row.id,
+        "organization_id": row.organization_id,
+        "provider": row.provider,
         "started_at": started_at,
         "finished_at": finished_at,
-        "duration_ms": int(elapsed * 1000),
+        "duration_ms": int(attempt.elapsed * 1000),
         "trigger": trigger,
+        "outcome": "success",
+        "http_status": 200,
+        "error_code": None,
     }
-    # Values for the metrics and the log, read before the commit expires the objects.
-    token_id, provider_name = token.id, token.provider
-    changes: dict[str, Any] = {}
-    scope_lost = False
-    if failure is None:
-        # Nothing but encryption between the provider's answer and this commit.
-        changes = token_response_values(token, answer, finished_at)
-        failure = _mail_scope_lost(provider, changes.get("scopes"))
-        if failure is not None:
-            # The grant no longer covers mail. The new tokens are kept (a rotated
-            # refresh token has replaced the old one) but the mailbox must be connected
-            # again: the callback would have refused such a grant.
-            scope_lost = True
-            _set_columns(token, changes)
-            changes = {}
-    if failure is None:
-        changes.update(
-            last_refreshed_at=finished_at,
-            refresh_failure_count=0,
-            last_refresh_error=None,
-            status_reason=None,
+    if attempt.failure is None:
+        # Nothing but encryption between the provider's answer and the commit.
+        attempt.changes = token_response_values(row, answer, finished_at)
+        # An answer whose grant no longer covers mail: the new tokens are kept (a rotated
+        # refresh token has replaced the old one), but the mailbox must be connected
+        # again, as the callback would have refused such a grant.
+        attempt.failure = _mail_scope_lost(provider, attempt.changes.get("scopes"))
+    if attempt.failure is not None:
+        attempt.record.update(
+            outcome=attempt.failure.outcome,
+            http_status=attempt.failure.http_status,
+            error_code=attempt.failure.error_code[:100],
         )
-        outcome, error_code = "success", None
-        attempt["http_status"] = 200
+    return attempt
+
+
+def _store_success(conn: Connection, attempt: _Attempt) -> None:
+    """The new tokens, the expiry and the attempt row, committed together."""
+    values = {
+        "row_id": attempt.row.id,
+        "new_refreshed_at": attempt.record["finished_at"],
+        **{f"new_{name}": attempt.changes.get(name) for name in _REFRESHED_COLUMNS},
+    }
+    if conn.dialect.name == "postgresql":
+        # One statement: one round trip, one commit.
+        values.update({f"attempt_{name}": value for name, value in attempt.record.items()})
+        conn.execute(_STORE_SUCCESS, values)
     else:
-        outcome, error_code = failure.outcome, failure.error_code[:100]
-        attempt["http_status"] = failure.http_status
-        # A refusal of a refresh token that was replaced while this attempt ran (by a
-        # process that took the lock after ours expired) says nothing about the grant,
-        # which lives on under the newer token: leave the row to that process.
-        stale = (
-            failure.kind == "permanent"
-            and not scope_lost
-            and _rotated_meanwhile(token, sent_ciphertext, refresh_secret)
+        conn.execute(_INSERT_ATTEMPT, attempt.record)
+        conn.execute(_STORE_TOKEN, values)
+        conn.commit()
+
+
+def _store_failure(attempt: _Attempt) -> RefreshResult:
+    """Record a failed attempt on the ORM row and raise the API error it maps to (or,
+    for a refresh token that was replaced meanwhile, answer "not refreshed")."""
+    token = db.session.get(UserEmailToken, attempt.row.id, populate_existing=True)
+    if token is None:
+        raise NotFound("no such token")
+    if attempt.unusable == "decryption_failed":
+        raise _unusable_ciphertext(token)
+    if attempt.unusable == "no_refresh_token":
+        if token.expires_at is not None and token.expires_at <= utcnow():
+            mark_needs_reauth(token, "no_refresh_token")
+            db.session.commit()
+        raise NeedsReauth(
+            "the provider issued no refresh token; the mailbox must be reconnected",
+            reason="no_refresh_token",
         )
-        if not stale:
-            token.refresh_failure_count += 1
-            # Some servers echo what they were sent in error_description.
-            token.last_refresh_error = _scrub(
-                failure.summary, refresh_secret, provider.client_secret or ""
-            )
-            if failure.kind == "permanent":
-                mark_needs_reauth(token, failure.error_code)
-    attempt["outcome"], attempt["error_code"] = outcome, error_code
-    db.session.execute(_INSERT_ATTEMPT, attempt)
-    if changes:  # the failure branches changed the ORM row instead, flushed by the commit
-        db.session.execute(_UPDATE_TOKEN, {"row_id": token_id, **changes})
-        db.session.expire(token)  # its loaded values are stale now
+    failure = cast(ProviderFailure, attempt.failure)
+    scope_lost = bool(attempt.changes)
+    # A refusal of a refresh token that was replaced while this attempt ran (by a
+    # process that took the lock after ours expired) says nothing about the grant,
+    # which lives on under the newer token: leave the row to that process.
+    stale = (
+        failure.kind == "permanent"
+        and not scope_lost
+        and _rotated_meanwhile(attempt.row, token.refresh_token_encrypted, attempt.refresh_secret)
+    )
+    if scope_lost:
+        _set_columns(token, attempt.changes)
+    if not stale:
+        token.refresh_failure_count += 1
+        # Some servers echo what they were sent in error_description.
+        token.last_refresh_error = _scrub(
+            failure.summary, attempt.refresh_secret, attempt.provider.client_secret or ""
+        )
+        if failure.kind == "permanent":
+            mark_needs_reauth(token, failure.error_code)
+    db.session.execute(_INSERT_ATTEMPT, attempt.record)
     db.session.commit()
-    TOKEN_REFRESH_TOTAL.labels(provider_name, outcome).inc()
-    TOKEN_REFRESH_SECONDS.labels(provider_name).observe(elapsed)
+    _report(attempt, failure.outcome, attempt.record["error_code"])
+    if stale:
+        log.warning(
+            "refresh_token_replaced_meanwhile",
+            extra={"event": "refresh_token_replaced_meanwhile", "token_id": token.id},
+        )
+        return RefreshResult(token.id, refreshed=False)
+    raise _api_error(failure)
+
+
+def _report(attempt: _Attempt, outcome: str, error_code: str | None) -> None:
+    provider = attempt.row.provider
+    TOKEN_REFRESH_TOTAL.labels(provider, outcome).inc()
+    TOKEN_REFRESH_SECONDS.labels(provider).observe(attempt.elapsed)
     log.info(
         "token_refresh",
         extra={
             "event": "token_refresh",
-            "token_id": token_id,
-            "provider": provider_name,
+            "token_id": attempt.row.id,
+            "provider": provider,
             "outcome": outcome,
             "error_code": error_code,
-            "trigger": trigger,
+            "trigger": attempt.trigger,
         },
     )
-    if failure is not None and stale:
-        log.warning(
-            "refresh_token_replaced_meanwhile",
-            extra={"event": "refresh_token_replaced_meanwhile", "token_id": token_id},
-        )
-        db.session.refresh(token)
-        return token, False
-    if failure is not None:
-        raise _api_error(failure)
-    return token, True
 
 
 def _mail_scope_lost(provider: Provider, scopes: str | None) -> ProviderFailure | None:
@@ -371,16 +481,14 @@ def _mail_scope_lost(provider: Provider, scopes: str | None) -> ProviderFailure 
     )
 
 
-def _rotated_meanwhile(token: UserEmailToken, sent_ciphertext: str | None, sent: str) -> bool:
-    """Whether the stored refresh token is no longer the one this attempt sent. The
-    plaintexts are compared: `flask keys rotate` changes the ciphertext alone."""
-    stored = db.session.execute(
-        select(UserEmailToken.refresh_token_encrypted).where(UserEmailToken.id == token.id)
-    ).scalar_one_or_none()
-    if stored is None or stored == sent_ciphertext:
+def _rotated_meanwhile(row: Row[Any], stored: str | None, sent: str) -> bool:
+    """Whether the refresh token stored now (`stored`) is no longer the one this attempt
+    read in `row` and sent. The plaintexts are compared: `flask keys rotate` changes the
+    ciphertext alone."""
+    if stored is None or stored == row.refresh_token_encrypted:
         return False
     try:
-        current = decrypt_aes_gcm(stored, "oauth_refresh", _aad(token, REFRESH_COLUMN))
+        current = decrypt_aes_gcm(stored, "oauth_refresh", _aad(row, REFRESH_COLUMN))
     except DecryptionError:
         return False
     return current != sent
