@@ -452,3 +452,43 @@ def test_failure_counters_count_failures_and_reset_on_success(
     assert _refresh(client, auth_headers(), connected).status_code == 200
     token = _token(connected)
     assert token.refresh_failure_count == 0 and token.last_refresh_error is None
+
+
+@pytest.mark.parametrize("rotation", ["none", "strict"])
+def test_a_refresh_on_sqlite_stores_the_new_tokens_and_the_attempt_together(
+    sqlite_app, oauth_provider, rotation
+):
+    """SQLite (`make run`'s default) takes the two-statement write, not PostgreSQL's
+    single statement: the same row and attempt must come out."""
+    oauth_provider.reset()
+    oauth_provider.rotation = rotation
+    try:
+        scope = "openid email https://mail.google.com/"
+        issued = oauth_provider.issue_tokens_for("lite@example.com", scope=scope)
+        token = UserEmailToken(
+            organization_id=1, user_id=1, provider="google", email_address="lite@example.com",
+            status="active", scopes=scope, expires_at=utcnow() + timedelta(minutes=1),
+            refresh_failure_count=2, last_refresh_error="server_error",
+        )  # fmt: skip
+        token_service.store_secrets(token, issued["access_token"], issued["refresh_token"])
+        db.session.add(token)
+        db.session.commit()
+        token_id, stamped = token.id, token.updated_at
+
+        for _ in range(2):  # the second refresh sends whatever the first one stored
+            assert token_service.refresh_token(token_id, trigger="test").refreshed
+        token = db.session.get(UserEmailToken, token_id, populate_existing=True)
+        stored = token_service.read_refresh_token(token)
+        assert (stored == issued["refresh_token"]) is (rotation == "none")
+        assert oauth_provider.refresh_token_alive(stored)
+        assert token_service.read_access_token(token) != issued["access_token"]
+        assert token.expires_at > utcnow() + timedelta(minutes=50)
+        assert token.scopes == scope and token.status == "active"
+        assert token.refresh_failure_count == 0 and token.last_refresh_error is None
+        assert token.last_refreshed_at is not None and token.updated_at > stamped
+        attempts = db.session.scalars(sa.select(TokenRefreshAttempt)).all()
+        assert [(a.token_id, a.outcome, a.http_status) for a in attempts] == [
+            (token_id, "success", 200)
+        ] * 2
+    finally:
+        oauth_provider.reset()
