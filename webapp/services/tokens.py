@@ -18,11 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from functools import cached_property
-from typing import Any, cast
+from typing import Any, TypeAlias, cast
 
 import requests
 from flask import current_app
-from sqlalchemy import Connection, Row, Table, bindparam, func, insert, select, update
+from sqlalchemy import Connection, Table, bindparam, func, insert, select, update
 from sqlalchemy.orm import selectinload
 
 from webapp.crypto import DecryptionError, aad_for, decrypt_aes_gcm, encrypt_aes_gcm
@@ -46,6 +46,9 @@ ACCESS_COLUMN = "access_token_encrypted"
 REFRESH_COLUMN = "refresh_token_encrypted"
 MIN_VALIDITY = timedelta(minutes=5)
 MAX_EXPIRES_IN = 366 * 24 * 3600
+# A Core row of user_email_tokens, read where the ORM object's load is not needed. It has
+# the ORM object's attribute names, and the helpers that read a token accept either.
+TokenRow: TypeAlias = Any
 # Built once for the refresh hot path: plain Core, no ORM load or flush, no RETURNING.
 _TOKENS = cast(Table, UserEmailToken.__table__)
 _ATTEMPTS = cast(Table, TokenRefreshAttempt.__table__)
@@ -237,7 +240,7 @@ class RefreshResult:
 class _Attempt:
     """One refresh attempt, from the stored row to what the provider answered."""
 
-    row: Row[Any]  # the token row read under the lock (attributes as on the ORM object)
+    row: TokenRow  # the token row read under the lock (attributes as on the ORM object)
     provider: Provider
     trigger: str
     unusable: str | None = None  # nothing was sent: decryption_failed or no_refresh_token
@@ -301,7 +304,7 @@ def refresh_token(
         if not acquired:
             raise _busy()
         with _own_connection() as conn:
-            row = conn.execute(_SELECT_TOKEN, {"row_id": token_id}).one_or_none()
+            row: TokenRow = conn.execute(_SELECT_TOKEN, {"row_id": token_id}).one_or_none()
             if row is None:
                 raise NotFound("no such token")
             ensure_usable(row)
@@ -319,7 +322,7 @@ def refresh_token(
         return _store_failure(attempt)
 
 
-def _call_provider(row: Row[Any], trigger: str) -> _Attempt:
+def _call_provider(row: TokenRow, trigger: str) -> _Attempt:
     """Send the stored refresh token to the provider; nothing is written here."""
     provider = provider_for(row.provider)
     attempt = _Attempt(row, provider, trigger)
@@ -481,7 +484,7 @@ def _mail_scope_lost(provider: Provider, scopes: str | None) -> ProviderFailure 
     )
 
 
-def _rotated_meanwhile(row: Row[Any], stored: str | None, sent: str) -> bool:
+def _rotated_meanwhile(row: TokenRow, stored: str | None, sent: str) -> bool:
     """Whether the refresh token stored now (`stored`) is no longer the one this attempt
     read in `row` and sent. The plaintexts are compared: `flask keys rotate` changes the
     ciphertext alone."""
