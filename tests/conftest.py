@@ -196,7 +196,8 @@ def migrated_app(base_env: dict[str, str]) -> Flask:
 @pytest.fixture
 def sqlite_app(base_env: dict[str, str], tmp_path: Path, migrated_app: Flask) -> Iterator[Flask]:
     """A migrated app on SQLite (`make run`'s default), in its app context. Creating an
-    app makes its Celery app the default one; the session app's is made so again after."""
+    app makes its Celery app the default and current one; the session app's is made so
+    again after."""
     from flask_migrate import upgrade
 
     from webapp.extensions import db
@@ -208,8 +209,9 @@ def sqlite_app(base_env: dict[str, str], tmp_path: Path, migrated_app: Flask) ->
             yield app
             db.session.remove()
             db.engine.dispose()
-    finally:
+    finally:  # tasks called directly run in the current app's context: make it ours again
         migrated_app.extensions["celery"].set_default()
+        migrated_app.extensions["celery"].set_current()
 
 
 @pytest.fixture

@@ -492,3 +492,51 @@ def test_a_refresh_on_sqlite_stores_the_new_tokens_and_the_attempt_together(
         ] * 2
     finally:
         oauth_provider.reset()
+
+
+@pytest.fixture
+def one_connection_app(base_env, migrated_app, oauth_provider, monkeypatch):
+    """The session's database through a pool of one connection that waits 3 s at most."""
+    from tests.conftest import make_app
+    from webapp import config
+
+    options = config.engine_options
+    monkeypatch.setattr(
+        config,
+        "engine_options",
+        lambda url: {**options(url), "pool_size": 1, "max_overflow": 0, "pool_timeout": 3},
+    )
+    app = make_app(base_env)
+    try:
+        with app.app_context():
+            yield app
+            db.session.remove()
+            db.engine.dispose()
+    finally:
+        migrated_app.extensions["celery"].set_default()
+        migrated_app.extensions["celery"].set_current()
+
+
+def test_a_refresh_by_the_api_or_before_use_needs_one_pooled_connection(
+    app, one_connection_app, oauth_provider, auth_headers
+):
+    """The caller's session read the row first; the refresh must not wait for a second
+    connection while the first one sits in the caller's open transaction."""
+    scope = "openid email https://mail.google.com/"
+    issued = oauth_provider.issue_tokens_for("pool@example.com", scope=scope)
+    token = UserEmailToken(
+        organization_id=1, user_id=1, provider="google", email_address="pool@example.com",
+        status="active", scopes=scope, expires_at=utcnow() + timedelta(minutes=1),
+    )  # fmt: skip
+    token_service.store_secrets(token, issued["access_token"], issued["refresh_token"])
+    db.session.add(token)
+    db.session.commit()
+    token_id = token.id
+
+    secret = token_service.get_valid_access_token(token_id, force_refresh=True)
+    assert secret != issued["access_token"]
+    client = one_connection_app.test_client()
+    response = _refresh(client, auth_headers(), token_id)
+    assert response.status_code == 200, response.json
+    outcomes = db.session.scalars(sa.select(TokenRefreshAttempt.outcome)).all()
+    assert outcomes == ["success", "success"]

@@ -300,6 +300,10 @@ def refresh_token(
     ProviderUnavailable (503, with the provider's Retry-After).
     """
     requested_at = requested_at or utcnow()
+    # The caller's session transaction ends here (the API and get_valid_access_token
+    # read the row first): it must not hold a second pooled connection, or a lock on this
+    # row, while the provider answers. With nothing begun this costs nothing.
+    db.session.commit()
     with _token_lock(token_id) as acquired:
         if not acquired:
             raise _busy()
