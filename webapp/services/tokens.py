@@ -64,6 +64,7 @@ def _new(name: str) -> Any:
     return func.coalesce(value, _TOKENS.c[name]) if name in _KEPT_WHEN_NONE else value
 
 
+_REFRESHED_AT = bindparam("new_refreshed_at", type_=_TOKENS.c.last_refreshed_at.type)
 _STORE_TOKEN = (
     update(_TOKENS)
     .where(_TOKENS.c.id == bindparam("row_id"))
@@ -72,8 +73,8 @@ _STORE_TOKEN = (
             **{name: _new(name) for name in _REFRESHED_COLUMNS},
             # updated_at is set here: SQLAlchemy leaves an UPDATE's Python-side onupdate
             # unset when the statement carries a data-modifying WITH.
-            "last_refreshed_at": bindparam("new_refreshed_at", type_=_TOKENS.c.expires_at.type),
-            "updated_at": bindparam("new_refreshed_at", type_=_TOKENS.c.expires_at.type),
+            "last_refreshed_at": _REFRESHED_AT,
+            "updated_at": _REFRESHED_AT,
             "refresh_failure_count": 0,
             "last_refresh_error": None,
             "status_reason": None,
