@@ -42,3 +42,15 @@ def test_a_connection_returned_just_now_is_not_pinged(engine, monkeypatch):
     assert backend_pid(engine) == pid and pings == []
     time.sleep(0.3)
     assert backend_pid(engine) == pid and pings == [1]
+
+
+def test_the_ping_outlives_dispose_as_a_forked_worker_does_it(engine, monkeypatch):
+    """Celery's prefork children dispose the inherited pool (tasks/__init__.py)."""
+    engine.dispose(close=False)
+    pings = []
+    ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or ping(conn))
+    backend_pid(engine)
+    time.sleep(0.3)
+    backend_pid(engine)
+    assert pings == [1]
