@@ -41,29 +41,22 @@ from _common import (
 )
 from sqlalchemy import event, func, select
 
+from tests.support.flows import stored_grant
 from tests.support.oauth_provider import OAuthProvider, ScriptedResponse
 from webapp.extensions import db
-from webapp.models import TokenRefreshAttempt, UserEmailToken, utcnow
-from webapp.services.tokens import refresh_token, store_secrets
+from webapp.models import TokenRefreshAttempt, utcnow
+from webapp.services.tokens import refresh_token
 
 TARGET = 0.5
-SCOPE = "openid email https://mail.google.com/"
 
 
 def create_tokens(provider: OAuthProvider, count: int) -> list[tuple[int, str]]:
     """(token id, refresh token) pairs: provider-issued grants stored through the service."""
-    rows = []
-    for i in range(count):
-        issued = provider.issue_tokens_for(f"bench{i}@example.com", scope=SCOPE)
-        token = UserEmailToken(
-            organization_id=1, user_id=i, provider="google", email_address=f"bench{i}@example.com",
-            status="active", scopes=SCOPE, expires_at=utcnow() + timedelta(hours=1),
-        )  # fmt: skip
-        store_secrets(token, issued["access_token"], issued["refresh_token"])
-        db.session.add(token)
-        rows.append((token, issued["refresh_token"]))
+    expires_at = utcnow() + timedelta(hours=1)
+    rows = [stored_grant(provider, f"bench{i}@example.com", expires_at, user_id=i)
+            for i in range(count)]  # fmt: skip
     db.session.commit()
-    return [(token.id, secret) for token, secret in rows]
+    return [(token.id, issued["refresh_token"]) for token, issued in rows]
 
 
 def floor_refresh(app: Any, provider: OAuthProvider, form: dict[str, str]) -> Callable[[Any], None]:

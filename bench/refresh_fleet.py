@@ -34,26 +34,18 @@ from _common import (
 )
 from sqlalchemy import func, select
 
+from tests.support.flows import stored_grant
 from tests.support.mailserver import group_pids
 from webapp.extensions import db, redis_store
 from webapp.models import TokenRefreshAttempt, UserEmailToken, utcnow
-from webapp.services.tokens import store_secrets
 
 TARGET = 100.0
-SCOPE = "openid email https://mail.google.com/"
 
 
 def create_due_tokens(provider: object, count: int) -> None:
     past = utcnow() - timedelta(minutes=5)
     for i in range(count):
-        address = f"fleet{i}@example.com"
-        issued = provider.issue_tokens_for(address, scope=SCOPE)  # type: ignore[attr-defined]
-        token = UserEmailToken(
-            organization_id=1 + i % 10, user_id=i, provider="google", email_address=address,
-            status="active", scopes=SCOPE, expires_at=past,
-        )  # fmt: skip
-        store_secrets(token, issued["access_token"], issued["refresh_token"])
-        db.session.add(token)
+        stored_grant(provider, f"fleet{i}@example.com", past, organization_id=1 + i % 10, user_id=i)
     db.session.commit()
 
 

@@ -19,6 +19,15 @@ def engine(database_url, monkeypatch):
     engine.dispose()
 
 
+@pytest.fixture
+def pings(engine, monkeypatch):
+    """One entry per ping the engine's pool sends."""
+    sent: list[int] = []
+    ping = engine.dialect.do_ping
+    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: sent.append(1) or ping(conn))
+    return sent
+
+
 def backend_pid(engine: sa.Engine) -> int:
     with engine.connect() as conn:
         return conn.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
@@ -34,22 +43,16 @@ def test_a_connection_killed_while_idle_is_replaced_at_checkout(engine, database
     assert backend_pid(engine) != pid  # no error: the ping found it dead
 
 
-def test_a_connection_returned_just_now_is_not_pinged(engine, monkeypatch):
-    pings = []
-    ping = engine.dialect.do_ping
-    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or ping(conn))
+def test_a_connection_returned_just_now_is_not_pinged(engine, pings):
     pid = backend_pid(engine)  # a new connection: never pinged
     assert backend_pid(engine) == pid and pings == []
     time.sleep(0.3)
     assert backend_pid(engine) == pid and pings == [1]
 
 
-def test_the_ping_outlives_dispose_as_a_forked_worker_does_it(engine, monkeypatch):
+def test_the_ping_outlives_dispose_as_a_forked_worker_does_it(engine, pings):
     """Celery's prefork children dispose the inherited pool (tasks/__init__.py)."""
     engine.dispose(close=False)
-    pings = []
-    ping = engine.dialect.do_ping
-    monkeypatch.setattr(engine.dialect, "do_ping", lambda conn: pings.append(1) or ping(conn))
     backend_pid(engine)
     time.sleep(0.3)
     backend_pid(engine)

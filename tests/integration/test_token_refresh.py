@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from tests.integration.conftest import refresh_now as _refresh
 from tests.integration.conftest import token_row as _token
 from tests.integration.conftest import wait_runs
-from tests.support.flows import connect
+from tests.support.flows import MAIL_SCOPE, connect, stored_grant
 from tests.support.oauth_provider import ScriptedResponse
 from webapp.extensions import db
 from webapp.models import MailAccount, TokenRefreshAttempt, UserEmailToken, utcnow
@@ -463,15 +463,10 @@ def test_a_refresh_on_sqlite_stores_the_new_tokens_and_the_attempt_together(
     oauth_provider.reset()
     oauth_provider.rotation = rotation
     try:
-        scope = "openid email https://mail.google.com/"
-        issued = oauth_provider.issue_tokens_for("lite@example.com", scope=scope)
-        token = UserEmailToken(
-            organization_id=1, user_id=1, provider="google", email_address="lite@example.com",
-            status="active", scopes=scope, expires_at=utcnow() + timedelta(minutes=1),
+        token, issued = stored_grant(
+            oauth_provider, "lite@example.com", utcnow() + timedelta(minutes=1),
             refresh_failure_count=2, last_refresh_error="server_error",
         )  # fmt: skip
-        token_service.store_secrets(token, issued["access_token"], issued["refresh_token"])
-        db.session.add(token)
         db.session.commit()
         token_id, stamped = token.id, token.updated_at
 
@@ -483,7 +478,7 @@ def test_a_refresh_on_sqlite_stores_the_new_tokens_and_the_attempt_together(
         assert oauth_provider.refresh_token_alive(stored)
         assert token_service.read_access_token(token) != issued["access_token"]
         assert token.expires_at > utcnow() + timedelta(minutes=50)
-        assert token.scopes == scope and token.status == "active"
+        assert token.scopes == MAIL_SCOPE and token.status == "active"
         assert token.refresh_failure_count == 0 and token.last_refresh_error is None
         assert token.last_refreshed_at is not None and token.updated_at > stamped
         attempts = db.session.scalars(sa.select(TokenRefreshAttempt)).all()
@@ -522,14 +517,9 @@ def test_a_refresh_by_the_api_or_before_use_needs_one_pooled_connection(
 ):
     """The caller's session read the row first; the refresh must not wait for a second
     connection while the first one sits in the caller's open transaction."""
-    scope = "openid email https://mail.google.com/"
-    issued = oauth_provider.issue_tokens_for("pool@example.com", scope=scope)
-    token = UserEmailToken(
-        organization_id=1, user_id=1, provider="google", email_address="pool@example.com",
-        status="active", scopes=scope, expires_at=utcnow() + timedelta(minutes=1),
-    )  # fmt: skip
-    token_service.store_secrets(token, issued["access_token"], issued["refresh_token"])
-    db.session.add(token)
+    token, issued = stored_grant(
+        oauth_provider, "pool@example.com", utcnow() + timedelta(minutes=1)
+    )
     db.session.commit()
     token_id = token.id
 
