@@ -303,8 +303,10 @@ def refresh_token(
     requested_at = requested_at or utcnow()
     # The caller's session transaction ends here (the API and get_valid_access_token
     # read the row first): it must not hold a second pooled connection, or a lock on this
-    # row, while the provider answers. With nothing begun this costs nothing.
-    db.session.commit()
+    # row, while the provider answers. A task or the CLI has no session yet: creating one
+    # only to commit nothing would cost more than any other step but the round trips.
+    if db.session.registry.has():
+        db.session.commit()
     with _token_lock(token_id) as acquired:
         if not acquired:
             raise _busy()
