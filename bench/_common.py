@@ -84,6 +84,33 @@ def local_provider(nodelay: bool = True, **kwargs: Any) -> Iterator[Any]:
         yield provider
 
 
+@contextlib.contextmanager
+def oauth2_mock_server() -> Iterator[str]:
+    """oauth2-mock-server (npm, pinned in bench/oauth2-mock-server/) running in a Node
+    process of its own, with the README's hooks; yields its token endpoint's URL. It is
+    installed there with npm on first use."""
+    import shutil
+    import subprocess
+
+    folder = ROOT / "bench" / "oauth2-mock-server"
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        raise SystemExit("--provider oauth2-mock-server needs Node.js and npm on PATH")
+    if not (folder / "node_modules" / "oauth2-mock-server").is_dir():
+        print(f"installing oauth2-mock-server into {folder} (npm ci)", flush=True)
+        subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=folder, check=True)
+    server = subprocess.Popen(
+        ["node", "server.mjs", "0"], cwd=folder, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = server.stdout.readline() if server.stdout else ""
+        if not line.startswith("listening "):
+            raise SystemExit(f"oauth2-mock-server did not start: {line!r}")
+        yield line.split()[1]
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
 def make_app(env: dict[str, str]) -> Any:
     from webapp import create_app
     from webapp.config import Settings

@@ -10,14 +10,18 @@ the same N refreshes, sequentially and on --threads threads:
 
 Best of --repeats, interleaved. Target: Mailkey/bare >= 0.5 in both modes. The provider
 answers in ~1 ms (TCP_NODELAY, see bench/_common.py); --latency-ms adds a real provider's
-delay to every token answer. --profile (or a miss) prints the SQL and time per phase.
+delay to every token answer. --provider oauth2-mock-server sends every token request
+(Mailkey's, bare and floor) to that npm server instead, the one the issue names, in a Node
+process of its own. --profile (or a miss) prints the SQL and time per phase.
 
     .venv/bin/python bench/refresh.py [--tokens 500] [--threads 4] [--latency-ms 0] [--profile]
+        [--provider local|oauth2-mock-server]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import sys
 import threading
@@ -33,6 +37,7 @@ from _common import (
     Timer,
     bench_app,
     local_provider,
+    oauth2_mock_server,
     phase_timers,
     provider_env,
     table,
@@ -59,7 +64,7 @@ def create_tokens(provider: OAuthProvider, count: int) -> list[tuple[int, str]]:
     return [(token.id, issued["refresh_token"]) for token, issued in rows]
 
 
-def floor_refresh(app: Any, provider: OAuthProvider, form: dict[str, str]) -> Callable[[Any], None]:
+def floor_refresh(app: Any, token_url: str, form: dict[str, str]) -> Callable[[Any], None]:
     """A refresh with no framework at all: the lower bound of what a durable, locked
     refresh costs on this machine, with the round trips Mailkey's makes. Per call: Redis
     SET NX, a psycopg SELECT of the row (autocommit), AES-GCM decrypt, the same POST as
@@ -100,7 +105,7 @@ def floor_refresh(app: Any, provider: OAuthProvider, form: dict[str, str]) -> Ca
             seal(refresh_secret)  # stands in for the decrypt: the same AES-GCM work
             started = utcnow()
             response = local.http.post(
-                provider.url("token"),
+                token_url,
                 data={"grant_type": "refresh_token", "refresh_token": refresh_secret, **form},
                 headers={"Accept": "application/json"},
                 timeout=10,
@@ -206,80 +211,99 @@ def main() -> int:
     parser.add_argument(
         "--provider-as-shipped", action="store_true", help="keep the fixture's ~40 ms stall"
     )
+    parser.add_argument(
+        "--provider",
+        choices=("local", "oauth2-mock-server"),
+        default="local",
+        help="where every token request goes (oauth2-mock-server: Node.js, npm)",
+    )
     args = parser.parse_args()
+    if args.latency_ms and args.provider != "local":
+        parser.error("--latency-ms scripts the local provider: use it with --provider local")
 
-    with local_provider(nodelay=not args.provider_as_shipped) as provider:
-        with bench_app("refresh", 9, lambda _: provider_env(provider)) as (app, _env):
-            with app.app_context():
-                pairs = create_tokens(provider, args.tokens)
-            local = threading.local()
-            form = {"client_id": provider.client_id, "client_secret": provider.client_secret}
+    with contextlib.ExitStack() as stack:
+        provider = stack.enter_context(local_provider(nodelay=not args.provider_as_shipped))
+        token_url = provider.url("token")
+        if args.provider == "oauth2-mock-server":  # the stored grants are the local one's
+            token_url = stack.enter_context(oauth2_mock_server())
+        env = {**provider_env(provider), "GOOGLE_TOKEN_URL": token_url}
+        app, _env = stack.enter_context(bench_app("refresh", 9, lambda _: env))
+        with app.app_context():
+            pairs = create_tokens(provider, args.tokens)
+        local = threading.local()
+        form = {"client_id": provider.client_id, "client_secret": provider.client_secret}
 
-            def bare(pair: tuple[int, str]) -> None:
-                if not hasattr(local, "http"):
-                    local.http = requests.Session()
-                response = local.http.post(
-                    provider.url("token"),
-                    data={"grant_type": "refresh_token", "refresh_token": pair[1], **form},
-                    headers={"Accept": "application/json"},
-                    timeout=10,
-                )
-                assert response.status_code == 200 and response.json()["access_token"]
-
-            def mailkey(pair: tuple[int, str]) -> None:
-                with app.app_context():
-                    assert refresh_token(pair[0], trigger="bench", force=True).refreshed
-
-            floor = floor_refresh(app, provider, form)
-            for fn in (bare, mailkey, floor):  # warm-up: connections, pools, caches
-                run(fn, pairs[:20], 1)
-            best: dict[tuple[str, int], float] = {}
-            calls_before = provider.calls["token"]
-            for _ in range(args.repeats):
-                for threads in (1, args.threads):
-                    for name, fn in (("bare", bare), ("mailkey", mailkey), ("floor", floor)):
-                        if args.latency_ms:  # each token request waits, then is answered
-                            delay = ScriptedResponse(delay=args.latency_ms / 1000)
-                            provider.script("token", *[delay] * len(pairs))
-                        seconds = run(fn, pairs, threads)
-                        best[name, threads] = min(best.get((name, threads), seconds), seconds)
-            with app.app_context():
-                attempts = db.session.scalar(
-                    select(func.count()).where(TokenRefreshAttempt.outcome == "success")
-                )
-            expected = 3 * 2 * args.repeats * args.tokens
-            latency = f", provider +{args.latency_ms:g} ms" if args.latency_ms else ""
-            print(
-                f"\n{args.tokens:,} refreshes per run, best of {args.repeats}{latency}; token "
-                f"calls {provider.calls['token'] - calls_before:,} (expected {expected:,}), "
-                f"successful attempts recorded {attempts:,}, provider errors {len(provider.errors)}"
+        def bare(pair: tuple[int, str]) -> None:
+            if not hasattr(local, "http"):
+                local.http = requests.Session()
+            response = local.http.post(
+                token_url,
+                data={"grant_type": "refresh_token", "refresh_token": pair[1], **form},
+                headers={"Accept": "application/json"},
+                timeout=10,
             )
-            rows, ok = [], True
+            assert response.status_code == 200 and response.json()["access_token"]
+
+        def mailkey(pair: tuple[int, str]) -> None:
+            with app.app_context():
+                assert refresh_token(pair[0], trigger="bench", force=True).refreshed
+
+        floor = floor_refresh(app, token_url, form)
+        for fn in (bare, mailkey, floor):  # warm-up: connections, pools, caches
+            run(fn, pairs[:20], 1)
+        best: dict[tuple[str, int], float] = {}
+        calls_before = provider.calls["token"]
+        for _ in range(args.repeats):
             for threads in (1, args.threads):
-                mk, raw, low = (best[name, threads] for name in ("mailkey", "bare", "floor"))
-                ratio = raw / mk
-                ok &= ratio >= TARGET
-                overhead = (mk - raw) / args.tokens * 1000 * threads
-                rows.append(
-                    [f"{threads} thread(s)", args.tokens / mk, args.tokens / raw, ratio, overhead,
-                     args.tokens / low, raw / low]
-                )  # fmt: skip
-            table(
-                ["mode", "Mailkey/s", "bare/s", "ratio", "Mailkey extra ms/refresh",
-                 "floor/s", "floor ratio"],
-                rows,
-            )  # fmt: skip
-            print(
-                "floor: the refresh's unavoidable round trips with no framework (Redis SET NX "
-                "+ DEL, an autocommitted psycopg SELECT, AESGCM, the same HTTP call, one "
-                "autocommitted INSERT + UPDATE statement); its ratio is the ceiling any "
-                "refresh service with a lock, a re-read and a durable write reaches here"
+                for name, fn in (("bare", bare), ("mailkey", mailkey), ("floor", floor)):
+                    if args.latency_ms:  # each token request waits, then is answered
+                        delay = ScriptedResponse(delay=args.latency_ms / 1000)
+                        provider.script("token", *[delay] * len(pairs))
+                    seconds = run(fn, pairs, threads)
+                    best[name, threads] = min(best.get((name, threads), seconds), seconds)
+        with app.app_context():
+            attempts = db.session.scalar(
+                select(func.count()).where(TokenRefreshAttempt.outcome == "success")
             )
-            print(f"target ratio >= {TARGET} in both modes")
-            verdict("refresh service vs bare HTTP", ok)
+        expected = 3 * 2 * args.repeats * args.tokens
+        if args.provider == "local":
+            where = f"the local provider{f' +{args.latency_ms:g} ms' if args.latency_ms else ''}"
+            calls = (
+                f"token calls {provider.calls['token'] - calls_before:,} (expected "
+                f"{expected:,}), provider errors {len(provider.errors)}"
+            )
+        else:
+            where, calls = f"oauth2-mock-server at {token_url}", "every answer checked"
+        print(
+            f"\n{args.tokens:,} refreshes per run, best of {args.repeats}, against {where}; "
+            f"{calls}; successful attempts recorded {attempts:,}"
+        )
+        rows, ok = [], True
+        for threads in (1, args.threads):
+            mk, raw, low = (best[name, threads] for name in ("mailkey", "bare", "floor"))
+            ratio = raw / mk
+            ok &= ratio >= TARGET
+            overhead = (mk - raw) / args.tokens * 1000 * threads
+            rows.append(
+                [f"{threads} thread(s)", args.tokens / mk, args.tokens / raw, ratio, overhead,
+                 args.tokens / low, raw / low]
+            )  # fmt: skip
+        table(
+            ["mode", "Mailkey/s", "bare/s", "ratio", "Mailkey extra ms/refresh",
+             "floor/s", "floor ratio"],
+            rows,
+        )  # fmt: skip
+        print(
+            "floor: the refresh's unavoidable round trips with no framework (Redis SET NX "
+            "+ DEL, an autocommitted psycopg SELECT, AESGCM, the same HTTP call, one "
+            "autocommitted INSERT + UPDATE statement); its ratio is the ceiling any "
+            "refresh service with a lock, a re-read and a durable write reaches here"
+        )
+        print(f"target ratio >= {TARGET} in both modes")
+        verdict("refresh service vs bare HTTP", ok)
 
-            if args.profile or not ok:
-                explain_costs(app, mailkey, pairs[: max(50, args.tokens // 5)])
+        if args.profile or not ok:
+            explain_costs(app, mailkey, pairs[: max(50, args.tokens // 5)])
     return 0
 
 
