@@ -91,6 +91,7 @@ def oauth2_mock_server() -> Iterator[str]:
     installed there with npm on first use."""
     import shutil
     import subprocess
+    import threading
 
     folder = ROOT / "bench" / "oauth2-mock-server"
     if shutil.which("node") is None or shutil.which("npm") is None:
@@ -105,6 +106,8 @@ def oauth2_mock_server() -> Iterator[str]:
         line = server.stdout.readline() if server.stdout else ""
         if not line.startswith("listening "):
             raise SystemExit(f"oauth2-mock-server did not start: {line!r}")
+        # Whatever it prints later is drained, so a full pipe never stalls it.
+        threading.Thread(target=server.communicate, daemon=True).start()
         yield line.split()[1]
     finally:
         server.terminate()
