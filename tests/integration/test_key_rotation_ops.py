@@ -59,10 +59,8 @@ def _alive(pids: list[int]) -> list[int]:
 
 def _start_parallel_rotation(env: dict[str, str], fp_b: str) -> tuple[object, list[int]]:
     start = _under(fp_b)
-    # One row a batch: 2,000 rows take ~5 s instead of ~1 s, so a test process starved
-    # for a moment on a loaded 2-core machine still signals a rotation that is running.
     proc = _flask(
-        env, "keys", "rotate", "--batch-size", "1", "--jobs", "2", start_new_session=True
+        env, "keys", "rotate", "--batch-size", "10", "--jobs", "2", start_new_session=True
     )
     deadline = time.monotonic() + 60
     while _under(fp_b) < start + 50 and time.monotonic() < deadline:
