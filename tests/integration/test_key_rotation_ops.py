@@ -57,11 +57,20 @@ def _alive(pids: list[int]) -> list[int]:
     return alive
 
 
+def _sigint_as_in_a_terminal() -> None:
+    """In the command's process before exec: SIGINT's default action, as a shell gives
+    its foreground job. A script that starts the suite in the background (`make test &`)
+    leaves SIGINT ignored in every process below it, and a Python started so installs no
+    KeyboardInterrupt handler: the rotation would run on through the Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_parallel_rotation(env: dict[str, str], fp_b: str) -> tuple[object, list[int]]:
     start = _under(fp_b)
     proc = _flask(
-        env, "keys", "rotate", "--batch-size", "10", "--jobs", "2", start_new_session=True
-    )
+        env, "keys", "rotate", "--batch-size", "10", "--jobs", "2",
+        start_new_session=True, preexec_fn=_sigint_as_in_a_terminal,
+    )  # fmt: skip
     deadline = time.monotonic() + 60
     while _under(fp_b) < start + 50 and time.monotonic() < deadline:
         time.sleep(0.005)
