@@ -95,7 +95,7 @@ def oauth2_mock_server() -> Iterator[str]:
 
     folder = ROOT / "bench" / "oauth2-mock-server"
     if shutil.which("node") is None or shutil.which("npm") is None:
-        raise SystemExit("--provider oauth2-mock-server needs Node.js and npm on PATH")
+        raise SystemExit("oauth2-mock-server needs Node.js and npm on PATH (or: --provider local)")
     if not (folder / "node_modules" / "oauth2-mock-server").is_dir():
         print(f"installing oauth2-mock-server into {folder} (npm ci)", flush=True)
         subprocess.run(["npm", "ci", "--no-audit", "--no-fund"], cwd=folder, check=True)

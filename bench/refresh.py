@@ -1,21 +1,24 @@
 """Benchmark token refreshes: Mailkey's refresh service vs bare HTTP refresh_token grants.
 
-Against the local OAuth provider (tests/support/oauth_provider.py, started in this process),
-the same N refreshes, sequentially and on --threads threads:
+The same N refreshes, sequentially and on --threads threads, all sent to one provider:
 
 - Mailkey: webapp.services.tokens.refresh_token(id, trigger="bench", force=True), each call
   in its own app context as a Celery task runs it (Redis lock, row read, decrypt, HTTP,
   encrypt, one statement writing the new tokens and the attempt row, unlock);
-- bare: requests.Session().post(grant_type=refresh_token) per thread, JSON parsed.
+- bare: requests.Session().post(grant_type=refresh_token) per thread, JSON parsed;
+- floor: Mailkey's round trips with no framework (see floor_refresh).
 
-Best of --repeats, interleaved. Target: Mailkey/bare >= 0.5 in both modes. The provider
-answers in ~1 ms (TCP_NODELAY, see bench/_common.py); --latency-ms adds a real provider's
-delay to every token answer. --provider oauth2-mock-server sends every token request
-(Mailkey's, bare and floor) to that npm server instead, the one the issue names, in a Node
-process of its own. --profile (or a miss) prints the SQL and time per phase.
+The provider is oauth2-mock-server by default, the npm server the issue names, in a Node
+process of its own as a real provider is: it signs a JWT access token and rotates the
+refresh token on every grant. --provider local uses the tests' provider instead
+(tests/support/oauth_provider.py): it runs in this process, sharing its interpreter lock
+and CPU with the code being measured, and answers from a dict in ~1 ms (TCP_NODELAY, see
+bench/_common.py); it counts every token call, and --latency-ms adds a real provider's
+delay to each answer. Best of --repeats, interleaved. Target: Mailkey/bare >= 0.5 in both
+modes. --profile (or a miss) prints the SQL and time per phase.
 
-    .venv/bin/python bench/refresh.py [--tokens 500] [--threads 4] [--latency-ms 0] [--profile]
-        [--provider local|oauth2-mock-server]
+    .venv/bin/python bench/refresh.py [--tokens 500] [--threads 4] [--profile]
+        [--provider oauth2-mock-server|local] [--latency-ms 0 (local only)]
 """
 
 from __future__ import annotations
@@ -214,8 +217,9 @@ def main() -> int:
     parser.add_argument(
         "--provider",
         choices=("local", "oauth2-mock-server"),
-        default="local",
-        help="where every token request goes (oauth2-mock-server: Node.js, npm)",
+        default="oauth2-mock-server",
+        help="where every token request goes (oauth2-mock-server needs Node.js and npm; "
+        "local: the tests' provider, in this process)",
     )
     args = parser.parse_args()
     if args.latency_ms and args.provider != "local":
