@@ -222,8 +222,11 @@ def main() -> int:
         "local: the tests' provider, in this process)",
     )
     args = parser.parse_args()
-    if args.latency_ms and args.provider != "local":
-        parser.error("--latency-ms scripts the local provider: use it with --provider local")
+    if (args.latency_ms or args.provider_as_shipped) and args.provider != "local":
+        parser.error(
+            "--latency-ms and --provider-as-shipped change the local provider: "
+            "use them with --provider local"
+        )
 
     with contextlib.ExitStack() as stack:
         provider = stack.enter_context(local_provider(nodelay=not args.provider_as_shipped))
